@@ -1,0 +1,37 @@
+// tandem._C: op schemas, their kernels' registration, and the pybind11 module. No logic.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "build_info.h"
+#include "ops/linear_gelu.h"
+
+TORCH_LIBRARY(tandem, m) {
+  m.set_python_module("tandem.ops");  // fake (meta) kernels live there
+  m.def("linear_bias_gelu(Tensor input, Tensor weight, Tensor? bias, str approximate=\"tanh\") -> Tensor");
+  m.def(
+      "linear_bias_gelu_fwd(Tensor input, Tensor weight, Tensor? bias, str approximate=\"tanh\") "
+      "-> (Tensor output, Tensor pre_activation)");
+  m.def(
+      "linear_bias_gelu_backward_input(Tensor grad_output, Tensor pre_activation, Tensor weight, "
+      "str approximate=\"tanh\") -> (Tensor grad_input, Tensor grad_pre_activation, Tensor grad_bias)");
+  m.def("linear_bias_gelu_backward_weight(Tensor grad_pre_activation, Tensor input) -> Tensor grad_weight");
+}
+
+#define TANDEM_REGISTER_LINEAR_GELU(m)                                                        \
+  m.impl("linear_bias_gelu", &tandem::ops::linear_bias_gelu);                                 \
+  m.impl("linear_bias_gelu_fwd", &tandem::ops::linear_bias_gelu_fwd);                         \
+  m.impl("linear_bias_gelu_backward_input", &tandem::ops::linear_bias_gelu_backward_input);   \
+  m.impl("linear_bias_gelu_backward_weight", &tandem::ops::linear_bias_gelu_backward_weight);
+
+TORCH_LIBRARY_IMPL(tandem, CPU, m) { TANDEM_REGISTER_LINEAR_GELU(m) }
+#ifdef TANDEM_WITH_CUDA
+TORCH_LIBRARY_IMPL(tandem, CUDA, m) { TANDEM_REGISTER_LINEAR_GELU(m) }
+#endif
+TORCH_LIBRARY_IMPL(tandem, Autograd, m) {
+  m.impl("linear_bias_gelu", &tandem::ops::linear_bias_gelu_autograd);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tandem's compiled core";
+  m.def("build_info", &tandem::build_info, "How this core was built: CUDA kernels, archs, versions");
+}

@@ -1,0 +1,20 @@
+"""tandem: tensor and pipeline parallelism for PyTorch, with a C++/CUDA core."""
+
+import torch  # noqa: F401  (loads libtorch before the core)
+
+from tandem import _C
+from tandem import ops  # noqa: F401  (registers fake kernels)
+from tandem import nn  # noqa: F401
+
+__all__ = ["build_info", "ops", "nn"]
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """How the compiled core was built.
+
+    Keys: ``cuda`` (bool: CUDA kernels compiled in), ``cuda_archs`` (e.g. "9.0"),
+    ``cuda_version``, ``cublaslt_version``, ``nccl_version`` (compiled against; None on a
+    CPU-only build), ``nccl_runtime_version`` (the libnccl loaded), ``torch_version``.
+    """
+    return dict(_C.build_info())
