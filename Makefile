@@ -1,0 +1,34 @@
+# tandem: `make test` sets up a fresh machine (venv, torch, build) and runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.14.1
+JOBS   ?= $(shell nproc)
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.tandem
+CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
+
+.PHONY: test build clean
+
+test: $(STAMP)/core
+	$(PY) -m pytest -q
+
+build: $(STAMP)/core
+
+# A CUDA build of torch, so the CUDA sources compile here even without a GPU.
+$(STAMP)/venv:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" numpy tqdm matplotlib pytest pytest-timeout ninja "setuptools>=64" wheel
+	mkdir -p $(STAMP) && touch $@
+
+$(STAMP)/install: $(STAMP)/venv setup.py pyproject.toml buildtools/locate.py
+	MAX_JOBS=$(JOBS) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@ $(STAMP)/core
+
+# Incremental rebuild of the compiled core after C++/CUDA edits (ninja, build/).
+$(STAMP)/core: $(STAMP)/install $(CSRC)
+	MAX_JOBS=$(JOBS) $(PY) setup.py -q build_ext --inplace
+	touch $@
+
+clean:
+	rm -rf build python/tandem/_C*.so $(STAMP)
