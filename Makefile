@@ -21,13 +21,14 @@ $(STAMP)/venv:
 	$(PY) -m pip install -q "$(TORCH)" numpy tqdm matplotlib pytest pytest-timeout ninja "setuptools>=64" wheel
 	mkdir -p $(STAMP) && touch $@
 
-$(STAMP)/install: $(STAMP)/venv setup.py pyproject.toml buildtools/locate.py
-	MAX_JOBS=$(JOBS) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
-	touch $@ $(STAMP)/core
-
-# Incremental rebuild of the compiled core after C++/CUDA edits (ninja, build/).
-$(STAMP)/core: $(STAMP)/install $(CSRC)
-	MAX_JOBS=$(JOBS) $(PY) setup.py -q build_ext --inplace
+# First time: an editable install (builds the core); then incremental rebuilds of the core
+# after C++/CUDA edits (ninja, build/).
+$(STAMP)/core: $(STAMP)/venv setup.py pyproject.toml buildtools/locate.py $(CSRC)
+	if [ -f $(STAMP)/installed ]; then \
+		MAX_JOBS=$(JOBS) $(PY) setup.py -q build_ext --inplace; \
+	else \
+		MAX_JOBS=$(JOBS) $(PY) -m pip install -q --no-build-isolation --no-deps -e . && touch $(STAMP)/installed; \
+	fi
 	touch $@
 
 clean:
