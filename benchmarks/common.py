@@ -57,9 +57,9 @@ DTYPES = {
 # ---------------------------------------------------------------------------------------
 # command line and devices
 
-def add_common_args(parser: argparse.ArgumentParser, *, warmup: int, iters: int) -> None:
-    """--device, --dtype, --warmup, --iters, --seed, --json. --dtype defaults to None: the
-    script picks one for the device."""
+def add_common_args(parser: argparse.ArgumentParser, *, warmup: Optional[int], iters: Optional[int]) -> None:
+    """--device, --dtype, --warmup, --iters, --seed, --json. A default of None (and --dtype
+    always) leaves the choice to the script, e.g. per device or mode."""
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="element type")
     parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed runs first (default {warmup})")
