@@ -1,0 +1,172 @@
+"""tandem.ops.linear_bias_gelu and its split backward on CUDA (skipped without a GPU).
+
+Every case compares the op with the plain PyTorch composite F.gelu(F.linear(...)) at the same
+dtype: its error against a float64 reference may be at most twice the composite's (plus half
+an ulp of the largest value). Aligned shapes take the cuBLASLt epilogue path (tanh); N or K
+not a multiple of 8, misaligned or strided views, and "none" take the general path.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem import ops
+from tandem.nn import FusedLinearGELU
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+APPROX = ["tanh", "none"]
+
+# (leading dims of the input, K, N)
+ALIGNED = [((64,), 128, 256), ((2, 48), 256, 512), ((512,), 1024, 2048)]
+UNALIGNED = [((17,), 100, 256), ((33,), 128, 250), ((1,), 3, 17), ((127,), 127, 129)]
+LAYOUTS = ["contiguous", "offset", "strided"]
+
+
+def _place(t, layout):
+    """The same values as `t`, laid out as asked: "offset" starts one element into its
+    storage (a pointer cuBLASLt cannot take: not 16-byte aligned); "strided" is a
+    non-contiguous view (every other element of a wider buffer)."""
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "offset":
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        out = buf[1:].view(t.shape)
+        out.copy_(t)
+        return out
+    buf = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    out = buf[..., ::2]
+    out.copy_(t)
+    return out
+
+
+def _inputs(lead, k, n, dtype, bias, layout="contiguous", seed=0):
+    """x (*lead, K), w (N, K), b (N) or None, grad_out (*lead, N): float64 values rounded to
+    dtype, on the GPU; pre-activations ~ N(0, 2), GeLU's curved range."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.float64)  # noqa: E731
+    x, w = rand(*lead, k), rand(n, k) / k**0.5
+    b = rand(n) if bias else None
+    grad_out = rand(*lead, n).to(dtype)
+    place = lambda t: None if t is None else _place(t.to(dtype), layout).requires_grad_()  # noqa: E731
+    return place(x), place(w), place(b), grad_out
+
+
+def _run(fn, x, w, b, grad_out):
+    """[output, dx, dw, (db)] of fn for the upstream gradient grad_out."""
+    leaves = [t for t in (x, w, b) if t is not None]
+    y = fn(x, w, b)
+    return [y.detach()] + list(torch.autograd.grad(y, leaves, grad_out.to(y.dtype)))
+
+
+def _composite(approximate):
+    return lambda x, w, b: F.gelu(F.linear(x, w, b), approximate=approximate)
+
+
+def _fused(approximate):
+    return lambda x, w, b: ops.linear_bias_gelu(x, w, b, approximate)
+
+
+def _max_err(a, ref):
+    return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _float64(*ts):
+    return [None if t is None else t.detach().double().requires_grad_() for t in ts]
+
+
+def _assert_within_twice_composite(got, plain, exact, dtype, names):
+    for name, g, p, e in zip(names, got, plain, exact):
+        assert g.dtype == dtype and g.shape == e.shape and g.device.type == "cuda", name
+        floor = torch.finfo(dtype).eps * e.abs().max().item() * 0.5  # half an ulp of the largest value
+        err, err_plain = _max_err(g, e), _max_err(p, e)
+        assert err <= 2 * err_plain + floor, f"{name}: error {err:.3g} > 2 x composite error {err_plain:.3g}"
+
+
+CASES = [(s, "contiguous") for s in ALIGNED + UNALIGNED] + [(ALIGNED[0], "offset"), (ALIGNED[1], "strided")]
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'x'.join(map(str, c[0][0]))}-{c[0][1]}-{c[0][2]}-{c[1]}")
+def test_forward_and_grads(case, dtype, bias, approximate):
+    (lead, k, n), layout = case
+    x, w, b, grad_out = _inputs(lead, k, n, dtype, bias, layout)
+    got = _run(_fused(approximate), x, w, b, grad_out)
+    plain = _run(_composite(approximate), x, w, b, grad_out)
+    exact = _run(_composite(approximate), *_float64(x, w, b), grad_out.double())
+    _assert_within_twice_composite(got, plain, exact, dtype, ["out", "dx", "dw", "db"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("shape", [ALIGNED[1], UNALIGNED[1]], ids=["aligned", "unaligned"])
+def test_split_ops_match_composite(shape, approximate, dtype):
+    """fwd's pre-activation (the cuBLASLt aux output on the epilogue path), then B and W."""
+    lead, k, n = shape
+    x, w, b, grad_out = _inputs(lead, k, n, dtype, True)
+    with torch.no_grad():
+        out, pre = ops.linear_bias_gelu_fwd(x, w, b, approximate)
+        grad_in, grad_pre, grad_b = ops.linear_bias_gelu_backward_input(grad_out, pre, w, approximate)
+        grad_w = ops.linear_bias_gelu_backward_weight(grad_pre, x)
+
+    def composite(x, w, b):
+        p = F.linear(x, w, b)
+        y = F.gelu(p, approximate=approximate)
+        gx, gw, gb = torch.autograd.grad(y, [x, w, b], grad_out.to(y.dtype), retain_graph=True)
+        (gp,) = torch.autograd.grad(y, [p], grad_out.to(y.dtype))
+        return [y.detach(), p.detach(), gx, gp, gb, gw]
+
+    plain = composite(x, w, b)
+    exact = composite(*_float64(x, w, b))
+    names = ["out", "pre_activation", "grad_input", "grad_pre_activation", "grad_bias", "grad_weight"]
+    _assert_within_twice_composite([out, pre, grad_in, grad_pre, grad_b, grad_w], plain, exact, dtype, names)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [ALIGNED[0], UNALIGNED[0]], ids=["aligned", "unaligned"])
+def test_opcheck(shape, dtype):
+    lead, k, n = shape
+    x, w, b, grad_out = _inputs(lead, k, n, dtype, True)
+    x, w, b = (t.detach() for t in (x, w, b))
+    pre = F.linear(x, w, b)
+    grad_pre = torch.randn_like(pre)
+    t = torch.ops.tandem
+    torch.library.opcheck(t.linear_bias_gelu.default, (x, w, b, "tanh"))
+    with_grad = [v.clone().requires_grad_() for v in (x, w, b)]
+    torch.library.opcheck(t.linear_bias_gelu.default, (*with_grad, "tanh"))
+    torch.library.opcheck(t.linear_bias_gelu.default, (*with_grad[:2], None, "none"))
+    torch.library.opcheck(t.linear_bias_gelu_fwd.default, (x, w, b, "tanh"))
+    torch.library.opcheck(t.linear_bias_gelu_backward_input.default, (grad_out, pre, w, "tanh"))
+    torch.library.opcheck(t.linear_bias_gelu_backward_weight.default, (grad_pre, x))
+
+
+def test_module_matches_linear_gelu_on_cuda():
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(256, 512), nn.GELU(approximate="tanh")).cuda().to(torch.bfloat16)
+    fused = FusedLinearGELU(256, 512, approximate="tanh", device="cuda", dtype=torch.bfloat16)
+    fused.load_state_dict({k.removeprefix("0."): v for k, v in ref.state_dict().items()})
+    x = torch.randn(4, 32, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn(4, 32, 512, device="cuda", dtype=torch.bfloat16)
+    got = [fused(x)] + list(torch.autograd.grad(fused(x), [x, fused.weight, fused.bias], grad_out))
+    plain = [ref(x)] + list(torch.autograd.grad(ref(x), [x, ref[0].weight, ref[0].bias], grad_out))
+    x64 = x.detach().double().requires_grad_()
+    ref64 = nn.Sequential(nn.Linear(256, 512), nn.GELU(approximate="tanh")).cuda().double()
+    ref64.load_state_dict(ref.state_dict())
+    exact = [ref64(x64)] + list(torch.autograd.grad(ref64(x64), [x64, ref64[0].weight, ref64[0].bias],
+                                                    grad_out.double()))
+    got[0], plain[0], exact[0] = got[0].detach(), plain[0].detach(), exact[0].detach()
+    _assert_within_twice_composite(got, plain, exact, torch.bfloat16, ["out", "dx", "dw", "db"])
+
+
+def test_bad_input_on_cuda_raises_clearly():
+    x = torch.randn(4, 8, device="cuda")
+    with pytest.raises(ValueError, match="in_features"):
+        ops.linear_bias_gelu(x, torch.randn(16, 9, device="cuda"))
+    with pytest.raises(ValueError, match="cpu"):
+        ops.linear_bias_gelu(x, torch.randn(16, 8))
+    with pytest.raises(TypeError, match="dtype"):
+        ops.linear_bias_gelu(x, torch.randn(16, 8, device="cuda", dtype=torch.bfloat16))
