@@ -1,0 +1,244 @@
+"""Dry-run a pipeline schedule without any process group.
+
+Semantics modelled (the ones the runtime implements):
+
+- Each rank runs its list in order, one action at a time.
+- ``RECV_x`` posts a receive and returns at once (an irecv); it never blocks.
+- ``SEND_x`` blocks until its producer (F or B on the same rank) has finished and the peer
+  has *posted* the matching receive (rendezvous, as a blocking send without buffering);
+  then the transfer runs beside compute and lands ``costs.comm`` later.
+- F, B and W start when the rank is free and their inputs are there: the previous stage's
+  output (local, or landed through a posted receive), the stage's own F before its B, the
+  next stage's input gradient before B, B before W.
+
+A send whose receive is posted late therefore stalls its rank, and lists in which every
+rank waits on another are reported as a ``DeadlockError`` naming each rank's step.
+``lower`` posts every receive before the producer of its data starts, so lowered
+schedules never block on a send under the costs they were lowered with, and never
+deadlock under any costs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from tandem.pipeline.ir import (Action, ActionKind, DeadlockError, StageLayout,
+                                TimelineRecord)
+
+__all__ = ["Costs", "SimulationResult", "simulate", "bubble_fraction"]
+
+K = ActionKind
+
+
+@dataclass(frozen=True, kw_only=True)
+class Costs:
+    """Durations of the actions of one stage (any unit; seconds for measured costs)."""
+
+    F: float = 1.0
+    """forward"""
+    B: float = 1.0
+    """input gradient when the backward is split; a full backward costs B + W"""
+    W: float = 1.0
+    """weight gradient"""
+    comm: float = 0.0
+    """from the start of a send until the data is at the receiver"""
+
+    def __post_init__(self):
+        for name in ("F", "B", "W"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"Costs.{name} must be a finite number > 0, got {value!r}")
+        if not (isinstance(self.comm, (int, float)) and math.isfinite(self.comm)
+                and self.comm >= 0):
+            raise ValueError(f"Costs.comm must be a finite number >= 0, got {self.comm!r}")
+
+    def of(self, kind: ActionKind, split: bool) -> float:
+        if kind is K.F:
+            return self.F
+        if kind is K.B:
+            return self.B if split else self.B + self.W
+        return self.W
+
+
+CostsLike = Costs | Mapping[int, Costs] | None
+
+
+def _stage_costs(costs: CostsLike, stage: int) -> Costs:
+    if costs is None:
+        return Costs()
+    if isinstance(costs, Costs):
+        return costs
+    if stage not in costs:
+        raise ValueError(f"costs has no entry for stage {stage}")
+    return costs[stage]
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """What a dry run found.
+
+    ``bubble_fraction`` is 1 - (compute time of all ranks) / (num_ranks * makespan), the
+    share of rank-time spent idle between the first action and the last.
+    ``peak_in_flight[stage]`` is the most microbatches that had started F on that stage
+    without finishing their last backward action (W when split, else B).
+    """
+
+    timeline: tuple[TimelineRecord, ...]
+    makespan: float
+    bubble_fraction: float
+    peak_in_flight: dict[int, int]
+    num_ranks: int
+
+
+def simulate(schedule, costs: CostsLike = None) -> SimulationResult:
+    """Dry-run ``schedule`` and return its timeline, bubble and peak in-flight counts.
+
+    ``schedule``: lowered action lists ``{rank: [Action]}`` (with sends and receives), or a
+    ``Schedule`` / compute-only lists, which are lowered first with the same costs.
+    ``costs``: one ``Costs`` for every stage, a ``{stage: Costs}`` mapping, or None for unit
+    costs (F = B = W = 1, so a full backward costs 2). Raises ``DeadlockError`` naming the
+    blocked step of each rank, or ``ScheduleError`` for malformed lists.
+    """
+    from tandem.pipeline.lower import lower, validate_lowered
+
+    lowered = lower(schedule, costs)
+    layout, _, split = validate_lowered(lowered)
+    records = _execute(lowered, layout, costs, split, explicit_comm=True)
+    compute = [rec for rec in records if rec.kind.is_compute]
+    makespan = max(rec.end_s for rec in compute) - min(rec.start_s for rec in compute)
+    return SimulationResult(timeline=tuple(records), makespan=makespan,
+                            bubble_fraction=bubble_fraction(records, layout.num_ranks),
+                            peak_in_flight=_peak_in_flight(lowered, split),
+                            num_ranks=layout.num_ranks)
+
+
+def bubble_fraction(timeline: Sequence[TimelineRecord], num_ranks: int | None = None) -> float:
+    """Idle share of rank-time between the first F/B/W and the last one:
+    1 - (compute time of all ranks) / (num_ranks * makespan).
+
+    Works on simulated and measured timelines alike; ``num_ranks`` defaults to the number
+    of ranks that appear in the timeline.
+    """
+    compute = [rec for rec in timeline if rec.kind.is_compute]
+    if not compute:
+        raise ValueError("the timeline holds no F, B or W record")
+    makespan = max(rec.end_s for rec in compute) - min(rec.start_s for rec in compute)
+    if num_ranks is None:
+        num_ranks = len({rec.rank for rec in compute})
+    if makespan <= 0:
+        raise ValueError("the timeline's F/B/W records span no time")
+    busy = sum(rec.end_s - rec.start_s for rec in compute)
+    return 1.0 - busy / (num_ranks * makespan)
+
+
+def _peak_in_flight(lists: Mapping[int, Sequence[Action]], split: bool) -> dict[int, int]:
+    last = K.W if split else K.B
+    count: dict[int, int] = {}
+    peak: dict[int, int] = {}
+    for lst in lists.values():
+        for a in lst:
+            if a.kind is K.F:
+                count[a.stage] = count.get(a.stage, 0) + 1
+                peak[a.stage] = max(peak.get(a.stage, 0), count[a.stage])
+            elif a.kind is last:
+                count[a.stage] -= 1
+    return dict(sorted(peak.items()))
+
+
+# What an action waits on: (table, key, delay, description). Tables: "done" (end time of a
+# compute action, keyed (kind, stage, mb)), "posted" (post time of a receive, keyed like
+# the receive) and "landed" (arrival time of a message, keyed like its receive).
+def _deps(a: Action, layout: StageLayout, explicit: bool, delay: float) -> list[tuple]:
+    s, mb, rank = a.stage, a.microbatch, layout.rank_of(a.stage)
+    last = layout.num_stages - 1
+
+    def incoming(src_kind, src_stage, recv_kind):
+        if layout.rank_of(src_stage) == rank:
+            return [("done", (src_kind, src_stage, mb), 0.0)]
+        if explicit:
+            return [("landed", (recv_kind, s, mb), 0.0)]
+        return [("done", (src_kind, src_stage, mb), delay)]
+
+    if a.kind is K.F:
+        return incoming(K.F, s - 1, K.RECV_F) if s > 0 else []
+    if a.kind is K.B:
+        grad = incoming(K.B, s + 1, K.RECV_B) if s < last else []
+        return [("done", (K.F, s, mb), 0.0)] + grad
+    if a.kind is K.W:
+        return [("done", (K.B, s, mb), 0.0)]
+    if a.kind is K.SEND_F:
+        return [("done", (K.F, s, mb), 0.0), ("posted", (K.RECV_F, s + 1, mb), 0.0)]
+    if a.kind is K.SEND_B:
+        return [("done", (K.B, s, mb), 0.0), ("posted", (K.RECV_B, s - 1, mb), 0.0)]
+    return []  # RECV_F / RECV_B: posting never waits
+
+
+def _describe(table: str, key: tuple, where: dict) -> str:
+    action = Action(key[1], key[0], key[2])
+    found = where.get(action)
+    at = f"rank {found[0]} step {found[1]}" if found else "in no list"
+    if table == "done":
+        return f"{action} ({at})"
+    if table == "posted":
+        return f"{action} to be posted ({at})"
+    send = (Action(key[1] - 1, K.SEND_F, key[2]) if key[0] is K.RECV_F
+            else Action(key[1] + 1, K.SEND_B, key[2]))
+    found = where.get(send)
+    at = f"rank {found[0]} step {found[1]}" if found else "in no list"
+    return f"the data of {action}, sent by {send} ({at})"
+
+
+def _execute(lists: Mapping[int, Sequence[Action]], layout: StageLayout, costs: CostsLike,
+             split: bool, *, explicit_comm: bool) -> list[TimelineRecord]:
+    """Run the lists as a dataflow; compute-only lists when ``explicit_comm`` is False
+    (remote data lands ``comm`` after its producer ends), lowered lists otherwise."""
+    tables: dict[str, dict[tuple, float]] = {"done": {}, "posted": {}, "landed": {}}
+    ranks = sorted(lists)
+    pc = {r: 0 for r in ranks}
+    clock = {r: 0.0 for r in ranks}
+    records: list[TimelineRecord] = []
+    pending = sum(len(lists[r]) for r in ranks)
+    while pending:
+        progressed = False
+        for r in ranks:
+            lst = lists[r]
+            while pc[r] < len(lst):
+                a = lst[pc[r]]
+                c = _stage_costs(costs, a.stage)
+                deps = _deps(a, layout, explicit_comm, c.comm)
+                if any(key not in tables[table] for table, key, _ in deps):
+                    break
+                start = max([clock[r]] + [tables[t][k] + d for t, k, d in deps])
+                key = (a.kind, a.stage, a.microbatch)
+                if a.kind.is_compute:
+                    end = start + c.of(a.kind, split)
+                    tables["done"][key] = clock[r] = end
+                elif a.kind in (K.RECV_F, K.RECV_B):
+                    end = tables["posted"][key] = start
+                else:  # a send: the rank is free once the peer has posted its receive
+                    end = start + c.comm
+                    clock[r] = start
+                    target = ((K.RECV_F, a.stage + 1, a.microbatch) if a.kind is K.SEND_F
+                              else (K.RECV_B, a.stage - 1, a.microbatch))
+                    tables["landed"][target] = end
+                records.append(TimelineRecord(r, a.stage, a.kind, a.microbatch, start, end))
+                pc[r] += 1
+                pending -= 1
+                progressed = True
+        if not progressed:
+            raise _deadlock(lists, layout, tables, pc, clock, explicit_comm)
+    return records
+
+
+def _deadlock(lists, layout, tables, pc, clock, explicit) -> DeadlockError:
+    where = {a: (r, i) for r, lst in lists.items() for i, a in enumerate(lst)}
+    blocked = {}
+    for r, lst in lists.items():
+        if pc[r] < len(lst):
+            a = lst[pc[r]]
+            missing = [_describe(t, k, where) for t, k, _ in _deps(a, layout, explicit, 0.0)
+                       if k not in tables[t]]
+            blocked[r] = (pc[r], a, " and ".join(missing))
+    return DeadlockError(blocked, max(clock.values()))
