@@ -5,8 +5,12 @@ import torch  # noqa: F401  (loads libtorch before the core)
 from tandem import _C
 from tandem import ops  # noqa: F401  (registers fake kernels)
 from tandem import nn  # noqa: F401
+from tandem.mesh import Mesh, get_mesh, init_mesh, set_mesh
+from tandem.parallelize import GPT2_PLAN, LLAMA_PLAN, parallelize
+from tandem import checkpoint, models  # noqa: F401
 
-__all__ = ["build_info", "ops", "nn"]
+__all__ = ["build_info", "ops", "nn", "models", "checkpoint", "Mesh", "init_mesh", "get_mesh", "set_mesh",
+           "parallelize", "GPT2_PLAN", "LLAMA_PLAN"]
 __version__ = "0.1.0"
 
 

@@ -1,0 +1,125 @@
+"""Checkpoints that move between TP sizes, on torch.distributed.checkpoint (DCP).
+
+Every sharded parameter is saved as a DTensor over its TP group, so the checkpoint holds
+global shapes and each shard's offset; a model at another TP degree (or a plain
+single-device model) loads the same full weights, resharded on read. Replicated
+parameters are written once. Saves are atomic: files go to ``PATH.partial`` and the
+directory is renamed to ``PATH`` only after every rank has finished writing.
+"""
+
+import json
+import os
+import shutil
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+__all__ = ["save", "load", "read_extra"]
+
+_META = "tandem.json"
+
+
+def _placements(module: nn.Module) -> dict:
+    """{param name: shard dim} for the sharded parameters of TP leaves (others are replicated)."""
+    from tandem.nn.embedding import VocabParallelEmbedding
+    from tandem.nn.linear import ColumnParallelLinear, RowParallelLinear
+
+    out = {}
+    for name, m in module.named_modules():
+        prefix = f"{name}." if name else ""
+        if getattr(m, "tp", None) is None or getattr(m.tp, "size", 1) == 1:
+            continue
+        if isinstance(m, (ColumnParallelLinear, VocabParallelEmbedding)):
+            out[f"{prefix}weight"] = (0, m.tp)
+            if getattr(m, "bias", None) is not None:
+                out[f"{prefix}bias"] = (0, m.tp)
+        elif isinstance(m, RowParallelLinear):
+            out[f"{prefix}weight"] = (1, m.tp)
+    return out
+
+
+def _state_dict(model: nn.Module) -> dict:
+    """The model's parameters, sharded ones wrapped as DTensors with their global shape."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    sharded = _placements(model)
+    meshes = {}
+    sd = {}
+    for name, p in model.named_parameters():
+        if name not in sharded:
+            sd[name] = p.data
+            continue
+        dim, tp = sharded[name]
+        key = id(tp.mesh)
+        if key not in meshes:
+            meshes[key] = DeviceMesh.from_group(tp.mesh.tp_group, p.device.type)
+        shape = list(p.shape)
+        shape[dim] *= tp.size
+        sd[name] = DTensor.from_local(p.data, meshes[key], [Shard(dim)], run_check=False,
+                                      shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride())
+    return sd
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def save(model: nn.Module, path: str, *, extra: Optional[dict] = None) -> None:
+    """Write ``model`` to the directory ``path``; collective over every rank.
+
+    ``extra`` (JSON-serialisable) is stored beside the weights, e.g. the model config.
+    """
+    path = os.path.abspath(path)
+    partial = path + ".partial"
+    if _rank0():
+        shutil.rmtree(partial, ignore_errors=True)  # the leftovers of an interrupted save
+        os.makedirs(partial)
+    _barrier()
+    dcp.save(_state_dict(model), storage_writer=dcp.FileSystemWriter(partial))
+    _barrier()
+    if _rank0():
+        with open(os.path.join(partial, _META), "w") as f:
+            json.dump({"format": 1, "extra": extra or {}}, f)
+        old = path + ".old"
+        if os.path.exists(path):
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(path, old)
+        os.rename(partial, path)  # atomic: PATH appears complete or not at all
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def read_extra(path: str) -> dict:
+    """The ``extra`` dict stored by :func:`save` (e.g. the model config)."""
+    _check_complete(path)
+    with open(os.path.join(path, _META)) as f:
+        return json.load(f)["extra"]
+
+
+def _check_complete(path: str) -> None:
+    if not os.path.isdir(path):
+        hint = " (an interrupted save left PATH.partial)" if os.path.isdir(path + ".partial") else ""
+        raise FileNotFoundError(f"tandem.checkpoint: no checkpoint at '{path}'{hint}")
+    if not os.path.exists(os.path.join(path, _META)) or not os.path.exists(os.path.join(path, ".metadata")):
+        raise FileNotFoundError(f"tandem.checkpoint: '{path}' is not a complete tandem checkpoint")
+
+
+def load(model: nn.Module, path: str) -> None:
+    """Load the checkpoint at ``path`` into ``model`` in place, whatever TP degree wrote it.
+
+    Collective over every rank. Raises FileNotFoundError (before any communication) when
+    ``path`` holds no complete checkpoint, and an error naming the keys when they differ.
+    """
+    path = os.path.abspath(path)
+    _check_complete(path)
+    sd = _state_dict(model)
+    dcp.load(sd, storage_reader=dcp.FileSystemReader(path))

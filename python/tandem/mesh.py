@@ -1,0 +1,167 @@
+"""Mesh: the tp x dp x pp grid of process groups.
+
+Ranks are laid out with TP fastest, then DP, then PP (Megatron's order), so the ranks of a
+TP group are contiguous and land on one NVLink domain when a node holds >= tp GPUs:
+
+    rank = tp_rank + tp * (dp_rank + dp * pp_rank)
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Mesh", "init_mesh", "get_mesh", "set_mesh"]
+
+_default_mesh: Optional["Mesh"] = None
+
+
+@dataclass(eq=False)
+class Mesh:
+    """The process groups of one rank. Build it with :func:`init_mesh`."""
+
+    tp: int
+    pp: int
+    dp: int
+    rank: int
+    device: torch.device
+    tp_group: Optional[dist.ProcessGroup] = None
+    pp_group: Optional[dist.ProcessGroup] = None
+    dp_group: Optional[dist.ProcessGroup] = None
+    _comms: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def single(cls, device="cpu") -> "Mesh":
+        """A one-rank mesh (tp = pp = dp = 1): modules built with it are plain single-device
+        modules, even when a default mesh is set."""
+        return cls(tp=1, pp=1, dp=1, rank=0, device=torch.device(device))
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    def global_rank(self, *, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
+        return tp_rank + self.tp * (dp_rank + self.dp * pp_rank)
+
+    def _comm(self, name: str):
+        if name not in self._comms:
+            from tandem.comm import Communicator
+
+            self._comms[name] = Communicator(getattr(self, f"{name}_group"), self.device)
+        return self._comms[name]
+
+    @property
+    def tp_comm(self):
+        """tandem Communicator over the TP group (NCCL on its own streams on GPU, c10d on CPU)."""
+        return self._comm("tp")
+
+    @property
+    def pp_comm(self):
+        return self._comm("pp")
+
+    @property
+    def dp_comm(self):
+        return self._comm("dp")
+
+    def describe(self) -> str:
+        """A printed grid: one block per pipeline stage, rows = dp replicas, columns = tp ranks."""
+        lines = [f"Mesh tp={self.tp} pp={self.pp} dp={self.dp} ({self.world_size} ranks, {self.device.type})"]
+        for p in range(self.pp):
+            lines.append(f"  stage {p}:")
+            for d in range(self.dp):
+                ranks = [self.global_rank(tp_rank=t, dp_rank=d, pp_rank=p) for t in range(self.tp)]
+                cells = " ".join(f"{r:>3}{'*' if r == self.rank else ' '}" for r in ranks)
+                lines.append(f"    dp {d}: tp ranks [{cells}]")
+        lines.append("  (* = this rank)")
+        return "\n".join(lines)
+
+
+def _new_groups(mesh: Mesh, backend: Optional[str]) -> None:
+    """Create every tp, dp and pp group; every rank must create all of them, in one order."""
+    tp, dp, pp = mesh.tp, mesh.dp, mesh.pp
+    specs = {
+        "tp": [[mesh.global_rank(tp_rank=t, dp_rank=d, pp_rank=p) for t in range(tp)]
+               for p in range(pp) for d in range(dp)],
+        "dp": [[mesh.global_rank(tp_rank=t, dp_rank=d, pp_rank=p) for d in range(dp)]
+               for p in range(pp) for t in range(tp)],
+        "pp": [[mesh.global_rank(tp_rank=t, dp_rank=d, pp_rank=p) for p in range(pp)]
+               for d in range(dp) for t in range(tp)],
+    }
+    for name, groups in specs.items():
+        for ranks in groups:
+            group = dist.new_group(ranks, backend=backend)
+            if mesh.rank in ranks:
+                setattr(mesh, f"{name}_group", group)
+
+
+def init_mesh(tp: int = 1, pp: int = 1, dp: Optional[int] = None, *, backend: Optional[str] = None,
+              timeout: float = 300.0) -> Mesh:
+    """Build the tp x pp x dp mesh of this rank and make it the default mesh.
+
+    Initialises torch.distributed from the torchrun environment when it is not yet
+    initialised (``nccl`` when CUDA is available, else ``gloo``; ``backend`` overrides), and
+    as a single process when no launcher set ``WORLD_SIZE``. ``dp`` defaults to
+    ``world_size // (tp * pp)``. Raises ValueError when the world size is not tp * pp * dp.
+    """
+    for name, value in (("tp", tp), ("pp", pp)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"init_mesh: {name} must be a positive integer, got {value!r}")
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "WORLD_SIZE" not in os.environ:  # a plain `python script.py`: one rank
+            import tempfile
+
+            store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="tandem-"), "store"), 1)
+            dist.init_process_group(backend, store=store, rank=0, world_size=1,
+                                    timeout=datetime.timedelta(seconds=timeout))
+        else:
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if dp is None:
+        if world % (tp * pp):
+            raise ValueError(f"init_mesh: world size {world} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}; "
+                             f"launch a multiple of {tp * pp} processes or change tp/pp")
+        dp = world // (tp * pp)
+    if tp * pp * dp != world:
+        raise ValueError(f"init_mesh: world size {world} != tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp}; "
+                         f"launch {tp * pp * dp} processes (e.g. torchrun --nproc-per-node {tp * pp * dp}) "
+                         f"or change tp/pp/dp")
+    used = backend or dist.get_backend()
+    if used == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    mesh = Mesh(tp=tp, pp=pp, dp=dp, rank=rank, device=device)
+    _new_groups(mesh, backend=None)
+    set_mesh(mesh)
+    return mesh
+
+
+def get_mesh() -> Optional[Mesh]:
+    """The default mesh set by :func:`init_mesh` (None before)."""
+    return _default_mesh
+
+
+def set_mesh(mesh: Optional[Mesh]) -> None:
+    global _default_mesh
+    _default_mesh = mesh

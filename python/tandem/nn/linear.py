@@ -1,0 +1,163 @@
+"""ColumnParallelLinear and RowParallelLinear (Megatron-LM's tensor-parallel linear pair).
+
+ColumnParallelLinear splits the weight [out, in] along out: rank r holds rows
+[r*out/tp, (r+1)*out/tp). RowParallelLinear splits it along in: rank r holds columns
+[r*in/tp, ...). A column layer followed by a row layer needs one all-reduce in forward
+(in the row layer) and one in backward (in the column layer).
+
+Both are initialised like nn.Linear on the full weight, then sharded: with the same seed,
+their full weights equal nn.Linear's. ``full_state_dict()`` / ``load_full_state_dict()``
+give and take nn.Linear's keys and shapes.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tandem import ops
+from tandem.mesh import Mesh
+from tandem.nn import _collectives as C
+from tandem.nn._tp import TPInfo, check_divisible, init_device, linear_init_, new_param, shard
+
+__all__ = ["ColumnParallelLinear", "RowParallelLinear"]
+
+_ACTIVATIONS = {None: None, "gelu": "none", "gelu_tanh": "tanh"}  # -> approximate
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = act(x @ W^T + b) with W split by rows (output features) over tp.
+
+    Input: the full [..., in_features] (or, with sequence_parallel, the local sequence shard
+    [b, s/tp, in_features], all-gathered here). Output: [..., out_features/tp], or the full
+    [..., out_features] with gather_output=True. ``activation`` in {None, "gelu",
+    "gelu_tanh"} runs tandem's fused linear+bias+GeLU on the shard.
+    """
+
+    _tp_leaf = True  # a TP leaf: full_state_dict() gathers its shards
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 gather_output: bool = False, activation: Optional[str] = None,
+                 sequence_parallel: bool = False, mesh: Optional[Mesh] = None, device=None, dtype=None):
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"ColumnParallelLinear: activation must be one of None, 'gelu', 'gelu_tanh', "
+                             f"got {activation!r}")
+        if gather_output and sequence_parallel:
+            raise ValueError("ColumnParallelLinear: gather_output=True cannot be combined with "
+                             "sequence_parallel=True (the row layer after it expects a sharded input)")
+        self.tp = TPInfo(mesh)
+        self.in_features, self.out_features = in_features, out_features
+        self.local_out = check_divisible("ColumnParallelLinear", "out_features", out_features, self.tp.size)
+        self.gather_output, self.activation, self.sequence_parallel = gather_output, activation, sequence_parallel
+        self.weight = new_param((self.local_out, in_features), device, dtype)
+        self.bias = new_param((self.local_out,), device, dtype) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        dev = init_device(self.weight.device)
+        w = torch.empty(self.out_features, self.in_features, device=dev)
+        b = torch.empty(self.out_features, device=dev) if self.bias is not None else None
+        linear_init_(w, b, self.in_features)
+        self.load_full_state_dict({"weight": w, **({"bias": b} if b is not None else {})})
+
+    def forward(self, x: Tensor) -> Tensor:
+        comm = self.tp.comm
+        # (b, s/tp, in) -> all-gather over tp -> (b, s, in); or f: identity, all-reduce in backward
+        x = C.gather_from_sp(x, comm, dim=1) if self.sequence_parallel else C.copy_to_tp(x, comm)
+        approximate = _ACTIVATIONS[self.activation]
+        if approximate is None:
+            y = F.linear(x, self.weight, self.bias)  # (..., in) @ (in, out/tp) -> (..., out/tp)
+        else:
+            y = ops.linear_bias_gelu(x, self.weight, self.bias, approximate)  # same GEMM, fused GeLU
+        return C.gather_from_tp(y, comm, dim=-1) if self.gather_output else y  # -> (..., out)
+
+    @torch.no_grad()
+    def load_full_state_dict(self, sd: dict) -> None:
+        self.weight.copy_(shard(sd["weight"], 0, self.tp))
+        if self.bias is not None:
+            self.bias.copy_(shard(sd["bias"], 0, self.tp))
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict:
+        comm = self.tp.comm
+        if comm is None:
+            return {k: v.detach().clone() for k, v in self.named_parameters()}
+        return {k: C.all_gather(v.detach(), comm, 0) for k, v in self.named_parameters()}  # (out/tp, ..) -> (out, ..)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features} (local {self.local_out}), "
+                f"tp={self.tp.size}, bias={self.bias is not None}, activation={self.activation}, "
+                f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}")
+
+
+class RowParallelLinear(nn.Module):
+    """y = x @ W^T + b with W split by columns (input features) over tp.
+
+    Input: [..., in_features/tp] (input_is_parallel=True, the output of a
+    ColumnParallelLinear) or the full [..., in_features] (scattered here). Output: the full
+    [..., out_features], all-reduced over tp; with ``overlap_chunks`` > 1 the tokens are cut
+    into chunks and chunk i's GEMM overlaps chunk i-1's all-reduce. With sequence_parallel,
+    the output is reduce-scattered along the sequence: [b, s/tp, out_features].
+    """
+
+    _tp_leaf = True  # a TP leaf: full_state_dict() gathers its shards
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 input_is_parallel: bool = True, overlap_chunks: int = 1, sequence_parallel: bool = False,
+                 mesh: Optional[Mesh] = None, device=None, dtype=None):
+        super().__init__()
+        if overlap_chunks < 1:
+            raise ValueError(f"RowParallelLinear: overlap_chunks must be >= 1, got {overlap_chunks}")
+        self.tp = TPInfo(mesh)
+        self.in_features, self.out_features = in_features, out_features
+        self.local_in = check_divisible("RowParallelLinear", "in_features", in_features, self.tp.size)
+        self.input_is_parallel, self.overlap_chunks = input_is_parallel, overlap_chunks
+        self.sequence_parallel = sequence_parallel
+        self.weight = new_param((out_features, self.local_in), device, dtype)
+        self.bias = new_param((out_features,), device, dtype) if bias else None  # replicated
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        dev = init_device(self.weight.device)
+        w = torch.empty(self.out_features, self.in_features, device=dev)
+        b = torch.empty(self.out_features, device=dev) if self.bias is not None else None
+        linear_init_(w, b, self.in_features)
+        self.load_full_state_dict({"weight": w, **({"bias": b} if b is not None else {})})
+
+    def forward(self, x: Tensor) -> Tensor:
+        comm = self.tp.comm
+        if not self.input_is_parallel:
+            x = C.scatter_to_tp(x, comm, dim=-1)  # (..., in) -> (..., in/tp)
+        if comm is None:
+            return F.linear(x, self.weight, self.bias)
+        if self.sequence_parallel:
+            y = F.linear(x, self.weight)  # (b, s, in/tp) @ (in/tp, out) -> (b, s, out), partial sums
+            y = C.reduce_scatter_to_sp(y, comm, dim=1)  # -> (b, s/tp, out), summed over tp
+            # each rank adds the bias to its own tokens: its gradient is summed over tp
+            return y if self.bias is None else y + C.reduce_grad(self.bias, comm)
+        from tandem.comm import row_parallel_linear
+
+        # (..., in/tp) @ (in/tp, out) -> (..., out), all-reduced chunk by chunk, + bias
+        return row_parallel_linear(x, self.weight, self.bias, comm, chunks=self.overlap_chunks)
+
+    @torch.no_grad()
+    def load_full_state_dict(self, sd: dict) -> None:
+        self.weight.copy_(shard(sd["weight"], 1, self.tp))
+        if self.bias is not None:
+            self.bias.copy_(sd["bias"])
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict:
+        comm = self.tp.comm
+        w = self.weight.detach()
+        sd = {"weight": w.clone() if comm is None else C.all_gather(w, comm, 1)}  # (out, in/tp) -> (out, in)
+        if self.bias is not None:
+            sd["bias"] = self.bias.detach().clone()
+        return sd
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features} (local {self.local_in}), out_features={self.out_features}, "
+                f"tp={self.tp.size}, bias={self.bias is not None}, overlap_chunks={self.overlap_chunks}, "
+                f"sequence_parallel={self.sequence_parallel}")

@@ -1,0 +1,146 @@
+"""Each TP module against its single-device twin with the same full weights: outputs and
+every gradient (gloo, 2 and 4 ranks)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distributed import run_ranks
+from tp_utils import assert_dicts_close, full_grads, shard_of
+
+
+def _twins(build, seed, mesh):
+    """(TP module on mesh, single-device twin), both built from the same seed."""
+    from tandem.mesh import Mesh
+
+    torch.manual_seed(seed)
+    tp_mod = build(mesh)
+    torch.manual_seed(seed)
+    ref = build(Mesh.single())
+    assert_dicts_close(tp_mod.full_state_dict(), ref.full_state_dict(), "init")
+    return tp_mod, ref
+
+
+def _compare(tp_mod, ref, x, *, in_dim=None, out_dim=None, rank=0, size=1, what=""):
+    """Run both on x (this rank's shard of x along in_dim, if any), compare the output (the
+    twin's shard along out_dim, if any), the input gradient and every parameter gradient."""
+    x_ref = x.clone().requires_grad_()
+    y_ref = ref(x_ref)
+    g = torch.randn_like(y_ref)
+    y_ref.backward(g)
+    x_loc = (shard_of(x, in_dim, rank, size) if in_dim is not None else x).clone().requires_grad_()
+    y = tp_mod(x_loc)
+    g_loc = shard_of(g, out_dim, rank, size) if out_dim is not None else g
+    want = shard_of(y_ref, out_dim, rank, size) if out_dim is not None else y_ref
+    torch.testing.assert_close(y, want.detach(), msg=lambda m: f"{what} output: {m}")
+    y.backward(g_loc)
+    want_dx = shard_of(x_ref.grad, in_dim, rank, size) if in_dim is not None else x_ref.grad
+    torch.testing.assert_close(x_loc.grad, want_dx, msg=lambda m: f"{what} input grad: {m}")
+    assert_dicts_close(full_grads(tp_mod), full_grads(ref), f"{what} grads")
+
+
+def _linear_cases(rank, world_size):
+    import tandem
+    from tandem.nn import ColumnParallelLinear, ParallelMLP, RowParallelLinear
+
+    mesh = tandem.init_mesh(tp=world_size)
+    n = 0
+    for bias in (True, False):
+        for activation in (None, "gelu", "gelu_tanh"):
+            for gather in (False, True):
+                tp_mod, ref = _twins(lambda m: ColumnParallelLinear(12, 8, bias, activation=activation,
+                                                                    gather_output=gather, mesh=m), n, mesh)
+                x = torch.randn(3, 5, 12)
+                _compare(tp_mod, ref, x, out_dim=None if gather else -1, rank=rank, size=world_size,
+                         what=f"column bias={bias} act={activation} gather={gather}")
+                n += 1
+        for parallel_in in (True, False):
+            for chunks in (1, 3):
+                tp_mod, ref = _twins(lambda m: RowParallelLinear(8, 6, bias, input_is_parallel=parallel_in,
+                                                                 overlap_chunks=chunks, mesh=m), n, mesh)
+                x = torch.randn(2, 7, 8)  # 14 tokens: not divisible by 3 chunks
+                _compare(tp_mod, ref, x, in_dim=-1 if parallel_in else None, rank=rank, size=world_size,
+                         what=f"row bias={bias} parallel_in={parallel_in} chunks={chunks}")
+                n += 1
+    for sp in (False, True):
+        tp_mod, ref = _twins(lambda m: ParallelMLP(8, 16, sequence_parallel=sp, mesh=m), n, mesh)
+        x = torch.randn(2, 4, 8)  # sequence 4, divisible by tp
+        sp_dim = 1 if sp else None
+        _compare(tp_mod, ref, x, in_dim=sp_dim, out_dim=sp_dim, rank=rank, size=world_size, what=f"mlp sp={sp}")
+        # the column + row pair with sequence parallelism, built by hand
+        n += 1
+    return n
+
+
+def _attention_cases(rank, world_size):
+    import tandem
+    from tandem.nn import ParallelSelfAttention
+
+    mesh = tandem.init_mesh(tp=world_size)
+    n = 0
+    for kv in (None, 2, 1):
+        for sp in (False, True):
+            for causal in (True, False):
+                tp_mod, ref = _twins(lambda m: ParallelSelfAttention(16, 4, num_kv_heads=kv, causal=causal,
+                                                                     sequence_parallel=sp, mesh=m), 100 + n, mesh)
+                x = torch.randn(2, 8, 16)
+                sp_dim = 1 if sp else None
+                _compare(tp_mod, ref, x, in_dim=sp_dim, out_dim=sp_dim, rank=rank, size=world_size,
+                         what=f"attention kv={kv} sp={sp} causal={causal}")
+                n += 1
+        # incremental decoding with the KV cache equals the full forward
+        tp_mod, ref = _twins(lambda m: ParallelSelfAttention(16, 4, num_kv_heads=kv, mesh=m), 200 + n, mesh)
+        x = torch.randn(2, 7, 16)
+        with torch.no_grad():
+            full = ref(x)
+            cache = tp_mod.new_cache(2, 16)
+            parts = [tp_mod(x[:, :4], cache), tp_mod(x[:, 4:5], cache), tp_mod(x[:, 5:], cache)]
+        torch.testing.assert_close(torch.cat(parts, 1), full, msg=lambda m: f"kv cache kv={kv}: {m}")
+        assert cache.k.shape[1] == tp_mod.local_kv_heads
+    return n
+
+
+def _vocab_cases(rank, world_size):
+    import tandem
+    from tandem.nn import VocabParallelEmbedding, vocab_parallel_cross_entropy
+
+    mesh = tandem.init_mesh(tp=world_size)
+    tp_mod, ref = _twins(lambda m: VocabParallelEmbedding(16, 6, mesh=m), 0, mesh)
+    ids = torch.randint(0, 16, (3, 5))
+    y, y_ref = tp_mod(ids), ref(ids)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert_dicts_close(full_grads(tp_mod), full_grads(ref), "embedding grads")
+
+    for smoothing in (0.0, 0.1):
+        logits = torch.randn(3, 5, 16, dtype=torch.float64)
+        target = torch.randint(0, 16, (3, 5))
+        target[0, :2] = -100
+        full = logits.clone().requires_grad_()
+        want = F.cross_entropy(full.view(-1, 16), target.view(-1), ignore_index=-100, label_smoothing=smoothing)
+        want.backward()
+        local = shard_of(logits, -1, rank, world_size).clone().requires_grad_()
+        got = vocab_parallel_cross_entropy(local, target, label_smoothing=smoothing, mesh=mesh)
+        torch.testing.assert_close(got, want.float(), msg=lambda m: f"ce smoothing={smoothing}: {m}")
+        got.backward()
+        torch.testing.assert_close(local.grad, shard_of(full.grad, -1, rank, world_size),
+                                   msg=lambda m: f"ce grad smoothing={smoothing}: {m}")
+    return True
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_linear_and_mlp_match_single_device(world_size):
+    counts = run_ranks(world_size, _linear_cases, timeout=240)
+    assert counts[0] == 2 * (6 + 4) + 2
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_attention_matches_single_device(world_size):
+    counts = run_ranks(world_size, _attention_cases, timeout=240)
+    assert counts[0] == 12
+
+
+def test_vocab_embedding_and_cross_entropy_match_single_device():
+    assert run_ranks(2, _vocab_cases) == [True, True]
