@@ -1,6 +1,8 @@
 """The schedule IR without processes: actions, layouts, text/CSV forms, hand-written
 schedules, validation errors and deadlock reports."""
 
+import pickle
+
 import pytest
 
 from tandem.pipeline import (Action, ActionKind, CustomSchedule, DeadlockError, OneFOneB,
@@ -58,6 +60,13 @@ def test_looped_layout_maps_ranks_and_virtual_stages():
     assert layout.local_index(5) == 1 and layout.local_index(1) == 0
     with pytest.raises(ValueError, match="stage 8 is out of range"):
         layout.rank_of(8)
+    # the rank at the other end of a message
+    assert layout.peer(Action.parse("3SEND_F0")) == 0  # to stage 4, on rank 0
+    assert layout.peer(Action(4, K.RECV_F, 0)) == 3  # from stage 3
+    assert layout.peer(Action.parse("4SEND_B1")) == 3  # to stage 3
+    assert layout.peer(Action(6, K.RECV_B, 0)) == 3  # from stage 7
+    with pytest.raises(ValueError, match="0F0 is not a send or a receive"):
+        layout.peer(Action(0, K.F, 0))
 
 
 def test_layout_rejects_bad_placements():
@@ -206,6 +215,8 @@ def test_compute_order_deadlock_is_reported_with_the_steps():
     assert "rank 1 step 0 (1F1) waits for 0F1 (rank 0 step 2)" in str(err)
     with pytest.raises(DeadlockError):  # the same from the lowering of bare lists
         lower(parse_schedule(text))
+    copy = pickle.loads(pickle.dumps(err))  # crosses process boundaries intact
+    assert str(copy) == str(err) and copy.blocked == err.blocked
 
 
 BLOCKING_1F1B = """

@@ -125,8 +125,8 @@ class CustomSchedule(Schedule):
     def layout(self):
         return self._layout
 
-    def compute_actions(self) -> dict[int, list[Action]]:
-        return {r: [a for a in lst if a.kind.is_compute] for r, lst in self._lists.items()}
+    def _rank_actions(self, rank: int) -> list[Action]:
+        return [a for a in self._lists[rank] if a.kind.is_compute]
 
     def _lowered_as_written(self) -> dict[int, list[Action]] | None:
         return {r: list(lst) for r, lst in self._lists.items()} if self._lowered else None

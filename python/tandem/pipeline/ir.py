@@ -182,6 +182,14 @@ class StageLayout:
     def local_index(self, stage: int) -> int:
         return self._stages_of[self.rank_of(stage)].index(stage)
 
+    def peer(self, action: Action) -> int:
+        """The rank at the other end of a SEND_F / RECV_F / SEND_B / RECV_B action."""
+        offset = {ActionKind.SEND_F: 1, ActionKind.RECV_B: 1,
+                  ActionKind.RECV_F: -1, ActionKind.SEND_B: -1}.get(action.kind)
+        if offset is None:
+            raise ValueError(f"{action} is not a send or a receive")
+        return self.rank_of(action.stage + offset)
+
 
 class TimelineRecord(NamedTuple):
     """One executed action: what ran where, from ``start_s`` to ``end_s``.
@@ -217,3 +225,6 @@ class DeadlockError(ScheduleError):
                  for r, (step, a, why) in sorted(blocked.items())]
         super().__init__(f"schedule deadlocks (no rank can proceed after time {time:g}):\n  "
                          + "\n  ".join(lines))
+
+    def __reduce__(self):
+        return type(self), (self.blocked, self.time)

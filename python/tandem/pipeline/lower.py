@@ -153,19 +153,14 @@ def validate_lowered(lists: Mapping[int, Sequence[Action]]) -> _Summary:
     return summary
 
 
-def _peer(a: Action, layout: StageLayout) -> int:
-    offset = 1 if a.kind in (K.SEND_F, K.RECV_B) else -1
-    return layout.rank_of(a.stage + offset)
-
-
 def _check_fifo(lists: dict[int, list[Action]], layout: StageLayout) -> None:
     sent, received = defaultdict(list), defaultdict(list)
     for r, lst in lists.items():
         for a in lst:
             if a.kind in (K.SEND_F, K.SEND_B):
-                sent[r, _peer(a, layout)].append(_message_id(a))
+                sent[r, layout.peer(a)].append(_message_id(a))
             elif a.kind in (K.RECV_F, K.RECV_B):
-                received[_peer(a, layout), r].append(_message_id(a))
+                received[layout.peer(a), r].append(_message_id(a))
     for (src, dst), order in sent.items():
         other = received[src, dst]
         if order != other:

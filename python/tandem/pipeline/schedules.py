@@ -7,6 +7,8 @@ stages per rank (stage s on rank ``s % p``), microbatches and ranks counted from
 
 from __future__ import annotations
 
+import abc
+
 from tandem.pipeline.ir import Action, ActionKind, StageLayout
 
 __all__ = ["Schedule", "GPipe", "OneFOneB", "Interleaved1F1B", "ZeroBubbleH1"]
@@ -19,7 +21,7 @@ def _check_count(name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-class Schedule:
+class Schedule(abc.ABC):
     """Per-rank compute action lists for one training step.
 
     Attributes: ``num_ranks`` (pipeline ranks, p), ``virtual_stages`` (stages per rank, v),
@@ -50,8 +52,9 @@ class Schedule:
         """``{rank: [F/B/W actions in execution order]}``, a fresh copy on every call."""
         return {r: self._rank_actions(r) for r in range(self.num_ranks)}
 
+    @abc.abstractmethod
     def _rank_actions(self, rank: int) -> list[Action]:
-        raise NotImplementedError(f"{type(self).__name__} does not define _rank_actions")
+        """The compute actions of ``rank``, in execution order."""
 
     def _lowered_as_written(self) -> dict[int, list[Action]] | None:
         """Action lists that already hold sends and receives (hand-written), else None."""
