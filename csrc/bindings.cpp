@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "build_info.h"
+#include "comm/python.h"
 #include "ops/linear_gelu.h"
 
 TORCH_LIBRARY(tandem, m) {
@@ -34,4 +35,5 @@ TORCH_LIBRARY_IMPL(tandem, Autograd, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tandem's compiled core";
   m.def("build_info", &tandem::build_info, "How this core was built: CUDA kernels, archs, versions");
+  tandem::comm::bind(m);  // Communicator, Work, CommError, CommTimeoutError
 }

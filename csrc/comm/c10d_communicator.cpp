@@ -1,0 +1,232 @@
+// The c10d backend of Communicator. Collectives and p2p are posted asynchronously on the
+// ProcessGroup (gloo runs them on its worker threads); C10dWork waits with a timeout and
+// turns c10d's errors into CommError / CommTimeout naming this rank, the peer, the operation.
+#include "comm/c10d_communicator.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
+#include "comm/errors.h"
+
+namespace tandem::comm {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::chrono::milliseconds to_ms(double seconds) {
+  return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000.0 + 0.5));
+}
+
+c10d::ReduceOp to_c10d(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum: return c10d::ReduceOp::SUM;
+    case ReduceOp::kProduct: return c10d::ReduceOp::PRODUCT;
+    case ReduceOp::kMax: return c10d::ReduceOp::MAX;
+    case ReduceOp::kMin: return c10d::ReduceOp::MIN;
+  }
+  return c10d::ReduceOp::SUM;
+}
+
+class C10dWork final : public Work {
+ public:
+  C10dWork(c10::intrusive_ptr<c10d::Work> work, std::string what, double timeout_s, bool is_p2p)
+      : Work(std::move(what), timeout_s), work_(std::move(work)), is_p2p_(is_p2p) {}
+
+  void wait(std::optional<double> timeout_s) override { synchronize(timeout_s); }
+
+  void synchronize(std::optional<double> timeout_s) override {
+    if (!error_.empty()) throw_error();
+    if (done_) return;
+    const double limit = timeout_or_default(timeout_s);
+    if (is_p2p_) {
+      wait_p2p(limit);
+    } else {
+      wait_collective(limit);
+    }
+    done_ = true;
+  }
+
+  bool is_completed() override { return done_ || !error_.empty() || work_->isCompleted(); }
+
+ private:
+  // A collective runs on a gloo worker thread; Work::wait(timeout) waits on its completion
+  // without disturbing it.
+  void wait_collective(double limit) {
+    const auto start = Clock::now();
+    bool ok = false;
+    try {
+      ok = work_->wait(to_ms(limit));
+    } catch (const std::exception& e) {
+      const double waited = std::chrono::duration<double>(Clock::now() - start).count();
+      // c10d reports a timeout as an ordinary error: tell it apart by the time it took.
+      fail(waited >= 0.95 * limit, e.what(), limit);
+    }
+    if (!ok) fail(false, "the operation was aborted", limit);
+  }
+
+  // gloo's own timeout on a send/recv closes every connection of the group. So the wait
+  // itself runs on a helper thread without a timeout, and on our deadline we abort the
+  // operation: the group stays usable.
+  void wait_p2p(double limit) {
+    struct Waiter {
+      std::mutex mu;
+      std::condition_variable cv;
+      bool finished = false, ok = false;
+      std::string error;
+    };
+    auto waiter = std::make_shared<Waiter>();
+    std::thread([waiter, work = work_] {
+      bool ok = false;
+      std::string error;
+      try {
+        ok = work->wait();
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+      std::lock_guard<std::mutex> lock(waiter->mu);
+      waiter->finished = true;
+      waiter->ok = ok;
+      waiter->error = error;
+      waiter->cv.notify_all();
+    }).detach();
+    std::unique_lock<std::mutex> lock(waiter->mu);
+    if (!waiter->cv.wait_for(lock, std::chrono::duration<double>(limit), [&] { return waiter->finished; })) {
+      lock.unlock();
+      abort_quietly();  // wakes the helper; the posted buffer is given up
+      fail(true, "", limit);
+    }
+    if (!waiter->error.empty()) fail(false, waiter->error, limit);
+    if (!waiter->ok) fail(false, "the operation was aborted", limit);
+  }
+
+  [[noreturn]] void fail(bool timed_out, const std::string& cause, double limit) {
+    timed_out_ = timed_out;
+    error_ = timed_out ? what() + ": timed out after " + format_seconds(limit) : what() + ": failed: " + first_line(cause);
+    throw_error();
+  }
+
+  [[noreturn]] void throw_error() const {
+    if (timed_out_) throw CommTimeout(error_);
+    throw CommError(error_);
+  }
+
+  void abort_quietly() {
+    try {
+      work_->abort();
+    } catch (...) {  // abort is best effort: the timeout is what we report
+    }
+  }
+
+  static std::string format_seconds(double s) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%.3g s", s);
+    return buf;
+  }
+
+  static std::string first_line(const std::string& s) {
+    auto n = s.find('\n');
+    return n == std::string::npos ? s : s.substr(0, n);
+  }
+
+  c10::intrusive_ptr<c10d::Work> work_;
+  bool is_p2p_;
+  bool done_ = false;
+  bool timed_out_ = false;
+  std::string error_;
+};
+
+}  // namespace
+
+C10dCommunicator::C10dCommunicator(c10::intrusive_ptr<c10d::ProcessGroup> pg, at::Device device,
+                                   double timeout_s)
+    : C10dCommunicator(pg, device, timeout_s, 0, std::make_shared<std::atomic<int>>(1)) {}
+
+C10dCommunicator::C10dCommunicator(c10::intrusive_ptr<c10d::ProcessGroup> pg, at::Device device,
+                                   double timeout_s, int tag, std::shared_ptr<std::atomic<int>> next_tag)
+    : Communicator(pg ? pg->getRank() : 0, pg ? pg->getSize() : 1, device, timeout_s),
+      pg_(std::move(pg)),
+      tag_(tag),
+      next_tag_(std::move(next_tag)) {
+  TORCH_CHECK_VALUE(pg_, "tandem.comm: the process group is None");
+}
+
+CommunicatorPtr C10dCommunicator::fork() {
+  check_alive(who() + ": fork");
+  return CommunicatorPtr(new C10dCommunicator(pg_, device(), timeout_s(), next_tag_->fetch_add(1), next_tag_));
+}
+
+void C10dCommunicator::abort() { aborted_ = true; }
+
+void C10dCommunicator::check_alive(const std::string& what) const {
+  if (aborted_) throw CommError(what + ": the communicator was aborted");
+}
+
+std::chrono::milliseconds C10dCommunicator::timeout_ms() const { return to_ms(timeout_s()); }
+
+WorkPtr C10dCommunicator::do_all_reduce(const at::Tensor& t, ReduceOp op, std::string what) {
+  check_alive(what);
+  std::vector<at::Tensor> tensors{t};
+  c10d::AllreduceOptions opts;
+  opts.reduceOp = to_c10d(op);
+  opts.timeout = timeout_ms();  // gloo's own timeout too: a stuck worker thread gives up
+  // t [n...] -> t [n...] reduced over the group, in place
+  return std::make_shared<C10dWork>(pg_->allreduce(tensors, opts), std::move(what), timeout_s(), false);
+}
+
+// _allgather_base / _reduce_scatter_base are the names that every supported torch has
+// (newer ones alias them to all_gather_single / reduce_scatter_single).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+WorkPtr C10dCommunicator::do_all_gather(const at::Tensor& out, const at::Tensor& in, std::string what) {
+  check_alive(what);
+  at::Tensor o = out, i = in;
+  c10d::AllgatherOptions opts;
+  opts.timeout = timeout_ms();
+  // in [n0, ...] on each rank -> out [size * n0, ...]
+  return std::make_shared<C10dWork>(pg_->_allgather_base(o, i, opts), std::move(what), timeout_s(), false);
+}
+
+WorkPtr C10dCommunicator::do_reduce_scatter(const at::Tensor& out, const at::Tensor& in, ReduceOp op,
+                                            std::string what) {
+  check_alive(what);
+  at::Tensor o = out, i = in;
+  c10d::ReduceScatterOptions opts;
+  opts.reduceOp = to_c10d(op);
+  opts.timeout = timeout_ms();
+  // in [size * n0, ...] reduced over the group -> out [n0, ...], this rank's block
+  return std::make_shared<C10dWork>(pg_->_reduce_scatter_base(o, i, opts), std::move(what), timeout_s(), false);
+}
+#pragma GCC diagnostic pop
+
+std::vector<WorkPtr> C10dCommunicator::do_batch_p2p(const std::vector<P2POp>& ops,
+                                                    const std::vector<std::string>& whats) {
+  check_alive(whats.front());
+  std::vector<WorkPtr> works(ops.size());
+  // Sends to this rank pair with recvs from it, in order: a local copy.
+  std::vector<size_t> self_sends;
+  for (size_t i = 0; i < ops.size(); ++i)
+    if (ops[i].peer == rank() && ops[i].kind == P2PKind::kSend) self_sends.push_back(i);
+  size_t next_self = 0;
+  for (size_t i = 0; i < ops.size(); ++i) {
+    if (ops[i].peer != rank() || ops[i].kind != P2PKind::kRecv) continue;
+    const size_t s = self_sends[next_self++];
+    ops[i].tensor.copy_(ops[s].tensor);
+    works[i] = std::make_shared<CompletedWork>(whats[i]);
+    works[s] = std::make_shared<CompletedWork>(whats[s]);
+  }
+  // gloo posts both kinds without blocking; recvs first so the buffers are ready.
+  for (P2PKind kind : {P2PKind::kRecv, P2PKind::kSend}) {
+    for (size_t i = 0; i < ops.size(); ++i) {
+      if (ops[i].kind != kind || works[i]) continue;
+      std::vector<at::Tensor> tensors{ops[i].tensor};
+      auto w = kind == P2PKind::kSend ? pg_->send(tensors, ops[i].peer, tag_) : pg_->recv(tensors, ops[i].peer, tag_);
+      works[i] = std::make_shared<C10dWork>(std::move(w), whats[i], timeout_s(), true);
+    }
+  }
+  return works;
+}
+
+}  // namespace tandem::comm

@@ -1,0 +1,41 @@
+#pragma once
+// The c10d backend: the Communicator's operations on a torch.distributed ProcessGroup
+// (gloo on CPU), so every scheduling path of tandem runs in CPU tests.
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <atomic>
+
+#include "comm/communicator.h"
+
+namespace tandem::comm {
+
+class C10dCommunicator final : public Communicator {
+ public:
+  C10dCommunicator(c10::intrusive_ptr<c10d::ProcessGroup> pg, at::Device device, double timeout_s);
+
+  std::string backend() const override { return "c10d:" + pg_->getBackendName(); }
+  // Same ProcessGroup, a fresh p2p tag: its sends/recvs never match this one's.
+  CommunicatorPtr fork() override;
+  // Marks this communicator aborted (later calls raise). The ProcessGroup is the caller's and
+  // stays up; use dist.destroy_process_group to end it.
+  void abort() override;
+
+ protected:
+  WorkPtr do_all_reduce(const at::Tensor& t, ReduceOp op, std::string what) override;
+  WorkPtr do_all_gather(const at::Tensor& out, const at::Tensor& in, std::string what) override;
+  WorkPtr do_reduce_scatter(const at::Tensor& out, const at::Tensor& in, ReduceOp op, std::string what) override;
+  std::vector<WorkPtr> do_batch_p2p(const std::vector<P2POp>& ops, const std::vector<std::string>& whats) override;
+
+ private:
+  C10dCommunicator(c10::intrusive_ptr<c10d::ProcessGroup> pg, at::Device device, double timeout_s, int tag,
+                   std::shared_ptr<std::atomic<int>> next_tag);
+  void check_alive(const std::string& what) const;
+  std::chrono::milliseconds timeout_ms() const;
+
+  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  int tag_;                                    // p2p tag of this communicator
+  std::shared_ptr<std::atomic<int>> next_tag_;  // shared by all forks of one root
+  std::atomic<bool> aborted_{false};
+};
+
+}  // namespace tandem::comm

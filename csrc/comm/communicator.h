@@ -1,0 +1,93 @@
+#pragma once
+// Communicator: one interface over a group of ranks, two backends (c10d for any
+// torch.distributed ProcessGroup, e.g. gloo on CPU; NCCL with its own communicator and
+// comm streams on CUDA). The public methods check their arguments and describe the
+// operation; the backends implement the do_* hooks.
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm/work.h"
+
+namespace tandem::comm {
+
+enum class ReduceOp { kSum, kProduct, kMax, kMin };
+
+// "sum" | "prod" | "product" | "max" | "min"
+ReduceOp parse_reduce_op(const std::string& name);
+const char* reduce_op_name(ReduceOp op);
+
+enum class P2PKind { kSend, kRecv };
+
+struct P2POp {
+  P2PKind kind;
+  at::Tensor tensor;
+  int peer;  // a rank in the communicator's group
+};
+
+class Communicator : public std::enable_shared_from_this<Communicator> {
+ public:
+  Communicator(int rank, int size, at::Device device, double timeout_s);
+  virtual ~Communicator() = default;
+  Communicator(const Communicator&) = delete;
+  Communicator& operator=(const Communicator&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  at::Device device() const { return device_; }
+  double timeout_s() const { return timeout_s_; }
+  virtual std::string backend() const = 0;  // "nccl" or "c10d:<pg backend>"
+  // "rank 1 of 4" (the prefix of every message about this communicator)
+  std::string who() const;
+
+  // t [n...] summed (or op-reduced) over ranks, in place.
+  WorkPtr all_reduce(const at::Tensor& t, ReduceOp op);
+  // in [n0, ...] from every rank -> out [size * n0, ...], rank r's block at rows r*n0.
+  WorkPtr all_gather(const at::Tensor& out, const at::Tensor& in);
+  // in [size * n0, ...] reduced over ranks; rank r keeps rows [r*n0, (r+1)*n0) -> out [n0, ...].
+  WorkPtr reduce_scatter(const at::Tensor& out, const at::Tensor& in, ReduceOp op);
+  WorkPtr send(const at::Tensor& t, int dst);
+  WorkPtr recv(const at::Tensor& t, int src);
+  // Sends and receives issued together (NCCL: one group; c10d: posted in list order, recvs
+  // first). One Work per op, in order. A send to this rank pairs with a recv from it.
+  std::vector<WorkPtr> batch_p2p(const std::vector<P2POp>& ops);
+
+  // A communicator over the same ranks whose operations are ordered independently of this
+  // one's (NCCL: ncclCommSplit and its own stream; c10d: its own p2p tag). Collective: every
+  // rank of the group calls fork() in the same order.
+  virtual std::shared_ptr<Communicator> fork() = 0;
+  // Tears the communicator down; pending and later operations raise CommError.
+  virtual void abort() = 0;
+  // Raises the pending asynchronous error (NCCL watchdog), if any.
+  virtual void check() {}
+
+ protected:
+  virtual WorkPtr do_all_reduce(const at::Tensor& t, ReduceOp op, std::string what) = 0;
+  virtual WorkPtr do_all_gather(const at::Tensor& out, const at::Tensor& in, std::string what) = 0;
+  virtual WorkPtr do_reduce_scatter(const at::Tensor& out, const at::Tensor& in, ReduceOp op,
+                                    std::string what) = 0;
+  // ops are checked; whats[i] describes ops[i]. Returns one Work per op.
+  virtual std::vector<WorkPtr> do_batch_p2p(const std::vector<P2POp>& ops,
+                                            const std::vector<std::string>& whats) = 0;
+
+  // "rank 1 of 4: send of float32[4, 8] to rank 2"
+  std::string describe(const std::string& op, const at::Tensor& t, int peer = -1,
+                       const char* preposition = "") const;
+  void check_tensor(const char* op, const at::Tensor& t) const;
+  void check_peer(const char* op, int peer) const;
+
+ private:
+  int rank_;
+  int size_;
+  at::Device device_;
+  double timeout_s_;
+};
+
+using CommunicatorPtr = std::shared_ptr<Communicator>;
+
+// "float32[4, 8]"
+std::string tensor_signature(const at::Tensor& t);
+
+}  // namespace tandem::comm

@@ -1,0 +1,52 @@
+#pragma once
+// The NCCL backend: tandem's own ncclComm_t (non-blocking mode) and its own high-priority
+// comm stream. Ordering between the caller's current stream and the comm stream uses CUDA
+// events only: no host synchronisation, no reliance on CUDA_DEVICE_MAX_CONNECTIONS.
+#ifdef TANDEM_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+
+#include "comm/communicator.h"
+#include "comm/nccl_watchdog.h"
+
+namespace tandem::comm {
+
+// A fresh ncclUniqueId as bytes (rank 0 makes it; the group broadcasts it).
+std::string nccl_unique_id();
+
+class NcclCommunicator final : public Communicator {
+ public:
+  // Collective over the group: every rank calls it with the same unique_id.
+  static std::shared_ptr<NcclCommunicator> create(const std::string& unique_id, int rank, int size,
+                                                   int device_index, double timeout_s);
+  ~NcclCommunicator() override;
+
+  std::string backend() const override { return "nccl"; }
+  // ncclCommSplit (same ranks) with its own comm stream.
+  CommunicatorPtr fork() override;
+  void abort() override;
+  void check() override;
+  c10::cuda::CUDAStream stream() const { return stream_; }
+
+ protected:
+  WorkPtr do_all_reduce(const at::Tensor& t, ReduceOp op, std::string what) override;
+  WorkPtr do_all_gather(const at::Tensor& out, const at::Tensor& in, std::string what) override;
+  WorkPtr do_reduce_scatter(const at::Tensor& out, const at::Tensor& in, ReduceOp op, std::string what) override;
+  std::vector<WorkPtr> do_batch_p2p(const std::vector<P2POp>& ops, const std::vector<std::string>& whats) override;
+
+ private:
+  NcclCommunicator(std::shared_ptr<NcclState> state, int rank, int size, int device_index, double timeout_s);
+
+  // Runs `body(comm, stream)` (NCCL calls inside one group) on the comm stream after the
+  // caller's current stream; returns the event that marks its end.
+  template <class Body>
+  std::shared_ptr<CudaEvent> enqueue(const std::string& what, const std::vector<at::Tensor>& tensors, Body&& body);
+  WorkPtr make_work(std::string what, std::shared_ptr<CudaEvent> end, std::vector<at::Tensor> tensors);
+
+  std::shared_ptr<NcclState> state_;
+  c10::DeviceIndex device_index_;
+  c10::cuda::CUDAStream stream_;
+  std::unique_ptr<NcclWatchdog> watchdog_;
+};
+
+}  // namespace tandem::comm
+#endif  // TANDEM_WITH_CUDA

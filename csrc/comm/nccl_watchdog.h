@@ -1,0 +1,37 @@
+#pragma once
+// The NCCL backend's watchdog: a thread that keeps in-flight Works (and their tensors)
+// alive until their end events fire, polls ncclCommGetAsyncError, and aborts the
+// communicator when an operation outlives its timeout, so no GPU wait hangs forever.
+#ifdef TANDEM_WITH_CUDA
+#include <condition_variable>
+#include <thread>
+#include <vector>
+
+#include "comm/nccl_work.h"
+
+namespace tandem::comm {
+
+class NcclWatchdog {
+ public:
+  NcclWatchdog(std::shared_ptr<NcclState> state, c10::DeviceIndex device);
+  ~NcclWatchdog();  // stops and joins the thread
+  NcclWatchdog(const NcclWatchdog&) = delete;
+  NcclWatchdog& operator=(const NcclWatchdog&) = delete;
+
+  void track(std::shared_ptr<NcclWork> work);
+
+ private:
+  void run();
+  void poll();
+
+  std::shared_ptr<NcclState> state_;
+  c10::DeviceIndex device_;
+  std::mutex mu_;  // guards works_ and stop_
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::vector<std::shared_ptr<NcclWork>> works_;
+  std::thread thread_;
+};
+
+}  // namespace tandem::comm
+#endif  // TANDEM_WITH_CUDA

@@ -1,0 +1,39 @@
+#pragma once
+// NcclWork: an operation enqueued on the NCCL backend's comm stream, with the event that
+// marks its end and the tensors it uses (kept alive until it completes).
+#ifdef TANDEM_WITH_CUDA
+#include <c10/core/Device.h>
+
+#include <vector>
+
+#include "comm/nccl_state.h"
+#include "comm/work.h"
+
+namespace tandem::comm {
+
+class NcclWork final : public Work {
+ public:
+  NcclWork(std::string what, double timeout_s, std::shared_ptr<NcclState> state, std::shared_ptr<CudaEvent> end,
+           std::vector<at::Tensor> tensors, c10::DeviceIndex device);
+
+  // The caller's current stream waits for the end event; the host does not.
+  void wait(std::optional<double> timeout_s) override;
+  // The host polls the end event until it fires (at most timeout_s).
+  void synchronize(std::optional<double> timeout_s) override;
+  // True once the end event fired, or once the communicator failed (wait() then raises).
+  bool is_completed() override;
+
+  // For the watchdog: has the end event fired? Never raises.
+  bool event_done() const;
+  Clock::time_point deadline() const { return deadline_; }
+
+ private:
+  std::shared_ptr<NcclState> state_;
+  std::shared_ptr<CudaEvent> end_;
+  std::vector<at::Tensor> tensors_;
+  c10::DeviceIndex device_;
+  Clock::time_point deadline_;
+};
+
+}  // namespace tandem::comm
+#endif  // TANDEM_WITH_CUDA

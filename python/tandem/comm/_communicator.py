@@ -1,0 +1,145 @@
+"""Communicator: collectives and point-to-point over a torch.distributed group, in C++.
+
+Two backends behind one interface, chosen by device: CUDA tensors go through tandem's own
+NCCL communicator on its own high-priority comm stream (ordered against the caller's
+stream with CUDA events only); CPU tensors go through the group's c10d ProcessGroup
+(gloo), so every scheduling path runs in CPU tests.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from tandem import _C
+
+__all__ = ["Communicator", "Work", "CommError", "CommTimeoutError", "DEFAULT_TIMEOUT"]
+
+Work = _C.Work
+CommError = _C.CommError
+CommTimeoutError = _C.CommTimeoutError
+
+DEFAULT_TIMEOUT = 300.0  # seconds
+
+
+def _nccl_bootstrap(group, device: torch.device, timeout: float):
+    """Rank 0 of ``group`` makes an ncclUniqueId; the group broadcasts it; all create the comm."""
+    if not hasattr(_C, "_nccl_communicator"):
+        raise RuntimeError("tandem.comm: this tandem core was built without CUDA/NCCL; "
+                           "use a CPU device (c10d backend) or rebuild with CUDA")
+    rank = dist.get_rank(group)
+    uid = _C._nccl_unique_id() if rank == 0 else None
+    objects = [uid]
+    # any backend of the group can carry 128 bytes; NCCL-only groups need the CUDA device
+    backend = str(dist.get_backend(group))
+    carrier = torch.device("cpu") if "gloo" in backend else device
+    dist.broadcast_object_list(objects, group_src=0, group=group, device=carrier)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _C._nccl_communicator(objects[0], rank, dist.get_world_size(group), index, float(timeout))
+
+
+class Communicator:
+    """Collectives and p2p among the ranks of ``group`` (a torch.distributed ProcessGroup).
+
+    ``device`` picks the backend: ``cuda`` -> tandem's NCCL communicator (collective
+    construction: every rank of the group must create it, in the same order as its other
+    Communicators); ``cpu`` -> the group's c10d backend (gloo). ``timeout`` (seconds) bounds
+    every wait; an operation that does not finish in time raises CommTimeoutError naming this
+    rank, the peer and the operation. ``backend="c10d"`` forces the c10d path on any device.
+
+    Every operation is asynchronous and returns a :class:`Work` (``wait()``,
+    ``synchronize()``, ``is_completed()``). Tensors must be contiguous and on ``device``.
+    """
+
+    def __init__(self, group=None, device: Union[torch.device, str] = "cpu", *,
+                 timeout: float = DEFAULT_TIMEOUT, backend: Optional[str] = None, _impl=None):
+        if _impl is not None:
+            self._impl = _impl
+            self.group = group
+            return
+        group = group if group is not None else dist.group.WORLD
+        if group is None:
+            raise RuntimeError("tandem.comm.Communicator: torch.distributed is not initialised; "
+                               "call dist.init_process_group first or pass a group")
+        device = torch.device(device)
+        if not timeout or timeout <= 0:
+            raise ValueError(f"tandem.comm.Communicator: timeout must be positive seconds, got {timeout}")
+        backend = backend or ("nccl" if device.type == "cuda" else "c10d")
+        if backend == "nccl":
+            if device.type != "cuda":
+                raise ValueError(f"tandem.comm.Communicator: the nccl backend needs a CUDA device, got {device}")
+            self._impl = _nccl_bootstrap(group, device, timeout)
+        elif backend == "c10d":
+            self._impl = _C._c10d_communicator(group, str(device), float(timeout))
+        else:
+            raise ValueError(f'tandem.comm.Communicator: backend must be "nccl" or "c10d", got "{backend}"')
+        self.group = group
+
+    # --- identity ---------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """This rank's index in the group."""
+        return self._impl.rank
+
+    @property
+    def size(self) -> int:
+        """Number of ranks in the group."""
+        return self._impl.size
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self._impl.device)
+
+    @property
+    def timeout(self) -> float:
+        return self._impl.timeout
+
+    @property
+    def backend(self) -> str:
+        """``"nccl"`` or ``"c10d:<backend of the group>"``."""
+        return self._impl.backend
+
+    def __repr__(self) -> str:
+        return f"Communicator({self._impl.who()}, backend={self.backend}, device={self.device})"
+
+    # --- collectives ------------------------------------------------------------------
+    def all_reduce(self, tensor: Tensor, op: str = "sum") -> Work:
+        """Reduce ``tensor`` over the group in place (op: sum | prod | max | min)."""
+        return self._impl.all_reduce(tensor, op)
+
+    def all_gather(self, out: Tensor, inp: Tensor) -> Work:
+        """``inp`` [n0, ...] of every rank -> ``out`` [size * n0, ...], rank r's rows at r*n0."""
+        return self._impl.all_gather(out, inp)
+
+    def reduce_scatter(self, out: Tensor, inp: Tensor, op: str = "sum") -> Work:
+        """``inp`` [size * n0, ...] reduced over ranks; rank r keeps rows [r*n0, (r+1)*n0) in ``out``."""
+        return self._impl.reduce_scatter(out, inp, op)
+
+    # --- point to point ---------------------------------------------------------------
+    def send(self, tensor: Tensor, dst: int) -> Work:
+        """Send ``tensor`` to group rank ``dst``."""
+        return self._impl.send(tensor, dst)
+
+    def recv(self, tensor: Tensor, src: int) -> Work:
+        """Receive into ``tensor`` from group rank ``src``."""
+        return self._impl.recv(tensor, src)
+
+    def batch_p2p(self, ops: Sequence[tuple[str, Tensor, int]]) -> list[Work]:
+        """Issue ``[("send"|"recv", tensor, peer), ...]`` together; one Work per op.
+
+        NCCL: one group (sends and recvs progress together; a send to this rank pairs with a
+        recv from it). c10d: posted in list order, recvs first.
+        """
+        return self._impl.batch_p2p([(kind, t, int(peer)) for kind, t, peer in ops])
+
+    # --- lifetime ---------------------------------------------------------------------
+    def abort(self) -> None:
+        """Tear the communicator down: pending and later operations raise CommError."""
+        self._impl.abort()
+
+    def check(self) -> None:
+        """Raise the pending asynchronous error (NCCL), if any."""
+        self._impl.check()
