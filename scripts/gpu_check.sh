@@ -1,0 +1,303 @@
+#!/usr/bin/env bash
+# tandem GPU check: the one prepared run for a machine with one GPU, a preinstalled CUDA
+# torch and no network. It builds the core in place, runs the CUDA tests, the benchmarks and
+# compute-sanitizer, writes logs and JSON to OUTDIR and prints a summary table last.
+#
+#   bash scripts/gpu_check.sh [OUTDIR]                  (default OUTDIR: out/gpu_check)
+#   PYTHON=.venv/bin/python bash scripts/gpu_check.sh out/x
+#
+# Knobs (environment):
+#   PYTHON                 interpreter with torch (default python3)
+#   BUDGET_S               seconds for the whole run (default 450: under 8 minutes with
+#                          the summary); every step's timeout is cut to what is left
+#   BUILD                  auto (default: build unless the core is up to date), always, never
+#   BUILD_TIMEOUT_S        cap of the build step (default 300; a slow machine needs more)
+#   MAX_JOBS               compile jobs (default: nproc)
+#   TORCH_CUDA_ARCH_LIST   default 9.0 (Hopper)
+#
+# Without a GPU the CUDA steps report SKIP and the benchmark runs its --quick CPU smoke test.
+# Exit status: 0 when no step failed (SKIP and a missed performance target are not
+# failures), 1 otherwise.
+#
+# Adding a check: write a function `section_<name>` that runs its commands through
+#   run_step <log name> <cap seconds> -- <command...>   (output: OUTDIR/<log name>.log)
+# and reports with
+#   record <row name> ok|FAIL|TIMEOUT|SKIP "<detail>"   (a FAIL or TIMEOUT fails the run),
+# then add <name> to SECTIONS at the bottom. $PY, $OUT, $HAVE_GPU, left() are available.
+
+set -u -o pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 1
+OUT=${1:-out/gpu_check}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 1
+PY=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-450}
+BUILD=${BUILD:-auto}
+export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build of tandem._C
+export PYTHONUNBUFFERED=1
+T0=$SECONDS
+HAVE_GPU=0
+ROWS=()
+FAILED=0
+
+# ---------------------------------------------------------------------------------------
+# helpers
+
+left() { echo $((BUDGET_S - (SECONDS - T0))); }
+
+# record NAME STATUS DETAIL: one summary row (the step's seconds come from the last run_step)
+record() {
+    ROWS+=("$1|$2|${STEP_S:-0}|$3")
+    case $2 in FAIL | TIMEOUT) FAILED=$((FAILED + 1)) ;; esac
+    echo "== [$1] $2: $3"
+}
+
+# run_step LOG CAP -- CMD...: CMD with a timeout of min(CAP, time left - 15 s), stdout and
+# stderr to OUT/LOG.log. Sets STEP_RC (124/137: timed out, 125: no time left) and STEP_S.
+run_step() {
+    local log=$1 cap=$2 t s
+    shift 3
+    t=$(($(left) - 15))
+    ((cap < t)) && t=$cap
+    STEP_S=0
+    if ((t < 5)); then
+        echo "not run: no time left in the ${BUDGET_S} s budget" >"$OUT/$log.log"
+        STEP_RC=125
+        return
+    fi
+    echo "-- $log (timeout ${t} s): $*"
+    s=$SECONDS
+    timeout --kill-after=10 "$t" "$@" >"$OUT/$log.log" 2>&1
+    STEP_RC=$?
+    STEP_S=$((SECONDS - s))
+    if ((STEP_RC != 0)); then tail -n 15 "$OUT/$log.log" | sed 's/^/   | /'; fi
+}
+
+# status_of RC: ok, TIMEOUT or FAIL
+status_of() {
+    case $1 in 0) echo ok ;; 124 | 137) echo TIMEOUT ;; *) echo FAIL ;; esac
+}
+
+# why RC: a word on a non-zero exit
+why() {
+    case $1 in 0) echo "" ;; 124 | 137) echo "timed out; " ;; 125) echo "no time left; " ;; *) echo "exit $1; " ;; esac
+}
+
+# ---------------------------------------------------------------------------------------
+# sections
+
+section_env() {
+    run_step env 60 -- "$PY" - <<'PYEOF'
+import os, platform, shutil, subprocess, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+print("gpus", n)
+for i in range(n):
+    p = torch.cuda.get_device_properties(i)
+    print(f"gpu{i}", p.name, f"sm_{p.major}{p.minor}", f"{p.total_memory / 2**30:.0f} GiB")
+print("nproc", os.cpu_count(), "nvcc", shutil.which("nvcc"), "compute-sanitizer", shutil.which("compute-sanitizer"))
+if shutil.which("nvidia-smi"):
+    print(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
+PYEOF
+    if ((STEP_RC != 0)); then
+        record env "$(status_of $STEP_RC)" "$(why $STEP_RC)$PY cannot run torch: see env.log"
+        return
+    fi
+    local gpus torch_v gpu
+    gpus=$(awk '$1 == "gpus" {print $2}' "$OUT/env.log")
+    torch_v=$(awk '$1 == "python" {print $4}' "$OUT/env.log")
+    gpu=$(awk '$1 == "gpu0" {$1 = ""; print substr($0, 2)}' "$OUT/env.log")
+    if [[ ${gpus:-0} -ge 1 ]]; then
+        HAVE_GPU=1
+        record env ok "torch $torch_v, $gpus GPU(s): $gpu"
+    else
+        record env ok "torch $torch_v, NO GPU: the CUDA steps below skip"
+    fi
+}
+
+# Is python/tandem/_C up to date? Newer than every source and build file, importable, built
+# for this torch, with CUDA kernels when this torch can use a GPU. Prints the reason.
+core_up_to_date() {
+    timeout 120 "$PY" - 2>&1 <<'PYEOF' | tail -n 1
+import glob, os, sys, sysconfig
+so = os.path.join("python", "tandem", "_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+if not os.path.exists(so):
+    sys.exit(f"no {so}")
+inputs = [p for p in glob.glob("csrc/**", recursive=True) if os.path.isfile(p)]
+inputs += ["setup.py", "pyproject.toml"] + glob.glob("buildtools/*.py")
+newer = [p for p in inputs if os.path.getmtime(p) > os.path.getmtime(so)]
+if newer:
+    sys.exit(f"{len(newer)} source file(s) newer than {so}, e.g. {newer[0]}")
+import torch, tandem
+info = tandem.build_info()
+if info["torch_version"] != torch.__version__.split("+")[0]:
+    sys.exit(f"built for torch {info['torch_version']}, running {torch.__version__}")
+if torch.cuda.is_available() and not info["cuda"]:
+    sys.exit("a CPU-only core, but this torch sees a GPU")
+print(f"{so} is up to date")
+PYEOF
+}
+
+section_build() {
+    local reason
+    if [[ $BUILD == never ]] || { [[ $BUILD == auto ]] && reason=$(core_up_to_date) && [[ $reason == *"up to date" ]]; }; then
+        STEP_S=0
+        echo "${reason:-BUILD=never}: not rebuilt" >"$OUT/build.log"
+    else
+        echo "-- rebuilding the core: ${reason:-BUILD=$BUILD}"
+        run_step build "${BUILD_TIMEOUT_S:-300}" -- env MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+            TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" "$PY" setup.py build_ext --inplace
+        if ((STEP_RC != 0)); then
+            record build "$(status_of $STEP_RC)" "$(why $STEP_RC)setup.py build_ext --inplace: see build.log"
+            return
+        fi
+    fi
+    local built=$STEP_S info
+    run_step build_info 60 -- "$PY" -c 'import tandem; print(tandem.__file__); print(tandem.build_info())'
+    STEP_S=$((STEP_S + built))
+    info=$(tail -n 1 "$OUT/build_info.log")
+    if ((STEP_RC != 0)); then
+        record build FAIL "$(why $STEP_RC)import tandem failed: $info"
+    elif ((built == 0)); then
+        record build ok "kept (${reason:-BUILD=never}); $info"
+    else
+        record build ok "built in place; $info"
+    fi
+}
+
+# pytest_counts XML: "passed failed errors skipped" from a junit file
+pytest_counts() {
+    "$PY" - "$1" 2>/dev/null <<'PYEOF' || echo "0 0 0 0"
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+s = root if root.tag == "testsuite" else root.find("testsuite")
+t, f, e, k = (int(s.get(a, 0)) for a in ("tests", "failures", "errors", "skipped"))
+print(t - f - e - k, f, e, k)
+PYEOF
+}
+
+section_tests_cuda() {
+    run_step tests_cuda 180 -- "$PY" -m pytest -m cuda -q -rfEs -p no:cacheprovider \
+        --junitxml "$OUT/tests_cuda.xml" tests
+    local p f e k
+    read -r p f e k <<<"$(pytest_counts "$OUT/tests_cuda.xml")"
+    local counts="$p passed, $f failed, $e errors, $k skipped"
+    if ((STEP_RC == 5)); then
+        record tests_cuda FAIL "no CUDA tests collected"
+    elif ((STEP_RC != 0)); then
+        record tests_cuda "$(status_of $STEP_RC)" "$(why $STEP_RC)$counts (tests_cuda.log)"
+    elif ((HAVE_GPU == 0)); then
+        record tests_cuda SKIP "no GPU: $counts"
+    else
+        record tests_cuda ok "$counts"
+    fi
+}
+
+# The benchmark rows of the summary: one line per target from the JSON.
+bench_targets() {
+    "$PY" - "$1" <<'PYEOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+for t in r["targets"]:
+    v = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+    print(f"{'PASS' if t['pass'] else 'MISS'}|{t['key']} = {v} (target >= {t['target']:.2f})")
+print(f"{len(r['speedups'])} shapes, {len(r['skipped_shapes'])} skipped for time, {r['wrong']} wrong values")
+PYEOF
+}
+
+section_bench_linear_gelu() {
+    local json="$OUT/bench_linear_gelu.json" what
+    rm -f "$json"
+    if ((HAVE_GPU)); then
+        # ~1 min on an H100; start no new shape after 150 s (or what the budget leaves)
+        local budget=$(($(left) - 90))
+        ((budget > 150)) && budget=150
+        what="cuda bf16, all shapes"
+        run_step bench_linear_gelu 240 -- "$PY" benchmarks/bench_linear_gelu.py --device cuda \
+            --dtype bfloat16 --warmup 10 --iters 30 --time-budget "$budget" --json "$json"
+    else
+        what="NO GPU: CPU --quick smoke run, not a GPU measurement"
+        run_step bench_linear_gelu 120 -- "$PY" benchmarks/bench_linear_gelu.py --quick --device cpu \
+            --json "$json"
+    fi
+    local rc=$STEP_RC lines status
+    if [[ ! -s $json ]]; then
+        record bench_linear_gelu "$(status_of $rc)" "$(why $rc)no JSON ($what): see bench_linear_gelu.log"
+        return
+    fi
+    mapfile -t lines < <(bench_targets "$json")
+    status=$(status_of $rc)
+    ((rc == 0 && HAVE_GPU == 0)) && status=SKIP
+    record bench_linear_gelu "$status" "$(why $rc)$what; ${lines[-1]}"
+    local line
+    for line in "${lines[@]:0:${#lines[@]}-1}"; do
+        ROWS+=("  target|${line%%|*}||${line#*|}$( ((HAVE_GPU)) || echo ' [cpu smoke]')")
+    done
+}
+
+find_sanitizer() {
+    local c
+    for c in "$(command -v compute-sanitizer)" "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
+        /usr/local/cuda/bin/compute-sanitizer; do
+        [[ -n $c && -x $c ]] && { echo "$c"; return; }
+    done
+}
+
+section_sanitizer() {
+    local san
+    san=$(find_sanitizer)
+    STEP_S=0
+    if ((HAVE_GPU == 0)); then
+        record sanitizer SKIP "no GPU"
+        return
+    elif [[ -z $san ]]; then
+        record sanitizer FAIL "compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin)"
+        return
+    fi
+    # Each tensor its own cudaMalloc, so an out-of-bounds access cannot land in a cached block.
+    # A small run: the epilogue and general paths of every dtype, forward and backward.
+    local select="test_forward_and_grads and tanh and not nobias"
+    run_step sanitizer 180 -- env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool memcheck \
+        --report-api-errors no --error-exitcode 99 --print-limit 50 \
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_linear_gelu_cuda.py -k "$select"
+    local summary tests
+    summary=$(grep -m1 -o "ERROR SUMMARY: [0-9]* error[s]*" "$OUT/sanitizer.log")
+    tests=$(grep -E -o "[0-9]+ (passed|failed)[^=]*" "$OUT/sanitizer.log" | tail -n 1)
+    if ((STEP_RC == 99)); then
+        record sanitizer FAIL "memcheck: ${summary:-errors}; ${tests} (sanitizer.log)"
+    else
+        record sanitizer "$(status_of $STEP_RC)" "$(why $STEP_RC)memcheck: ${summary:-no summary}; ${tests:-no tests}"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------
+# run, then the summary
+
+print_summary() {
+    local row n s t d
+    echo
+    echo "# ================================================================================"
+    echo "# tandem gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ)  $(hostname)  outdir $OUT"
+    echo "# elapsed $((SECONDS - T0)) s (budget ${BUDGET_S} s); python $PY"
+    printf "# %-18s %-7s %5s  %s\n" step status sec detail
+    for row in "${ROWS[@]}"; do
+        IFS='|' read -r n s t d <<<"$row"
+        printf "  %-18s %-7s %5s  %s\n" "$n" "$s" "$t" "$d"
+    done
+    if ((FAILED)); then
+        echo "# result: FAILED ($FAILED step(s) failed; logs in $OUT)"
+    elif ((HAVE_GPU == 0)); then
+        echo "# result: ok, but NO GPU: the CUDA steps were skipped"
+    else
+        echo "# result: ok"
+    fi
+}
+
+SECTIONS=(env build tests_cuda bench_linear_gelu sanitizer)
+for section in "${SECTIONS[@]}"; do
+    echo "== section $section ($(left) s left)"
+    "section_$section"
+done
+print_summary | tee "$OUT/summary.txt"
+((FAILED == 0))
