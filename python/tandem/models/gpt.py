@@ -20,7 +20,7 @@ from tandem.nn.linear import ColumnParallelLinear
 from tandem.nn.mlp import ParallelMLP
 from tandem.nn.state import FullStateDictMixin
 
-__all__ = ["GPT", "GPTConfig", "GPTEmbedding", "GPTBlock", "GPTHead"]
+__all__ = ["GPT", "GPTConfig", "GPTEmbedding", "GPTBlock", "GPTHead", "next_token"]
 
 
 @dataclass(kw_only=True)
@@ -182,3 +182,34 @@ class GPT(FullStateDictMixin, nn.Module):
 
     def new_caches(self, batch: int, max_seq_len: Optional[int] = None) -> list:
         return [b.attn.new_cache(batch, max_seq_len or self.config.max_seq_len) for b in self.blocks]
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 generator: Optional[torch.Generator] = None, on_token=None) -> Tensor:
+        """Decode ``max_new_tokens`` after ``prompt`` [b, s0] with the KV cache; returns [b, s0 + new].
+
+        Greedy when temperature == 0, else sampled (seed ``generator`` identically on every TP
+        rank). ``on_token(tokens [b])`` is called after each new token (streaming).
+        """
+        b, s0 = prompt.shape
+        if s0 + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"GPT.generate: {s0} + {max_new_tokens} tokens exceed max_seq_len={self.config.max_seq_len}")
+        caches = self.new_caches(b, s0 + max_new_tokens)
+        out, step_input = [prompt], prompt
+        for _ in range(max_new_tokens):
+            logits = self(step_input, caches=caches)[:, -1]  # (b, V/tp), the last position
+            logits = C.gather_from_tp(logits, self.tp.comm, dim=-1)  # (b, V): one position, cheap
+            token = next_token(logits, temperature, generator)
+            out.append(token[:, None])
+            step_input = token[:, None]
+            if on_token is not None:
+                on_token(token)
+        return torch.cat(out, dim=1)
+
+
+def next_token(logits: Tensor, temperature: float, generator: Optional[torch.Generator]) -> Tensor:
+    """Greedy (temperature 0) or sampled next token from full-vocabulary logits [b, V] -> [b]."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
