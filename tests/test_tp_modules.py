@@ -130,17 +130,12 @@ def _vocab_cases(rank, world_size):
     return True
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_linear_and_mlp_match_single_device(world_size):
-    counts = run_ranks(world_size, _linear_cases, timeout=240)
-    assert counts[0] == 2 * (6 + 4) + 2
+def _all_cases(rank, world_size):
+    """Every module in one spawned world (each spawn costs seconds of imports)."""
+    return _linear_cases(rank, world_size), _attention_cases(rank, world_size), _vocab_cases(rank, world_size)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_attention_matches_single_device(world_size):
-    counts = run_ranks(world_size, _attention_cases, timeout=240)
-    assert counts[0] == 12
-
-
-def test_vocab_embedding_and_cross_entropy_match_single_device():
-    assert run_ranks(2, _vocab_cases) == [True, True]
+def test_tp_modules_match_single_device(world_size):
+    linear, attention, vocab = run_ranks(world_size, _all_cases, timeout=300)[0]
+    assert (linear, attention, vocab) == (2 * (6 + 4) + 2, 12, True)  # every case ran

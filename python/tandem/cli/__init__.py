@@ -1,0 +1,28 @@
+"""The `tandem` command: train, generate, bench, info (also `python -m tandem`)."""
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    from tandem.cli import bench, generate, info, train
+
+    p = argparse.ArgumentParser(prog="tandem", description="Tensor x pipeline x data parallel training "
+                                "and inference of transformer models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for mod in (train, generate, bench, info):
+        mod.add_parser(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(argv)
+    args.argv = argv  # to relaunch the same command on several processes
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

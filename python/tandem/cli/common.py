@@ -1,0 +1,39 @@
+"""What every subcommand shares: one-line errors with exit code 2, and self-launching."""
+
+import os
+import subprocess
+import sys
+
+__all__ = ["UsageError", "fail", "under_launcher", "relaunch", "is_rank0"]
+
+
+class UsageError(Exception):
+    """Bad arguments: reported as one line, exit code 2, before any work starts."""
+
+
+def fail(message: str) -> "NoReturn":  # noqa: F821
+    print(f"tandem: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def under_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def relaunch(nproc: int, argv: list) -> int:
+    """Run ``python -m tandem ARGV`` on ``nproc`` local processes with torch's launcher.
+
+    The launcher watches the workers: when one dies, it stops the others.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "--tee=0", "-m", "tandem", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONUNBUFFERED="1")
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 130

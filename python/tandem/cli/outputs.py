@@ -1,0 +1,96 @@
+"""What `tandem train` writes to --out, and the summary it prints."""
+
+import json
+import os
+
+import torch.distributed as dist
+
+from tandem.cli import data
+
+
+def _gather_timeline(mesh, timeline) -> list:
+    """Every pipeline rank's records (of tp rank 0, dp replica 0), on every rank."""
+    from tandem.pipeline import TimelineRecord
+
+    mine = []
+    if mesh.tp_rank == 0 and mesh.dp_rank == 0:
+        for r in timeline:
+            if isinstance(r, TimelineRecord):
+                mine.append(tuple(r))
+            else:  # (kind, start, end) of an unpipelined step
+                kind, start, end = r
+                mine.append((mesh.pp_rank, 0, kind, 0, start, end))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    rows = [TimelineRecord(*r) for part in everyone for r in part]
+    t0 = min((r.start_s for r in rows), default=0.0)
+    return [r._replace(start_s=r.start_s - t0, end_s=r.end_s - t0) for r in rows]
+
+
+def _last_steps(rows: list, microbatch_windows: int = 2) -> list:
+    """The records of the last few steps (a picture of all steps is unreadable)."""
+    if not rows:
+        return rows
+    span = max(r.end_s for r in rows)
+    firsts = sorted({r.start_s for r in rows if r.stage == 0 and r.microbatch == 0 and str(r.kind).endswith("F")})
+    begin = firsts[-microbatch_windows] if len(firsts) >= microbatch_windows else 0.0
+    return [r._replace(start_s=r.start_s - begin, end_s=r.end_s - begin) for r in rows if r.start_s >= begin
+            and r.end_s <= span]
+
+
+def _plot_loss(history: list, chance: float, floor: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="loss")
+    ax.axhline(chance, color="gray", linestyle="--", label=f"chance (ln V = {chance:.2f})")
+    ax.axhline(floor, color="green", linestyle=":", label=f"best possible ({floor:.2f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross entropy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(args, cfg, mesh, history, timeline, elapsed, tokens_per_step, reference) -> None:
+    from tandem.pipeline import chrome_trace, render
+
+    rows = _gather_timeline(mesh, timeline)
+    if mesh.rank != 0:
+        return
+    out = args.out
+    chance = data.chance_loss(cfg.vocab_size)
+    floor = data.floor_loss(cfg.vocab_size, cfg.max_seq_len)
+    metrics = {
+        "parallel": {"tp": mesh.tp, "pp": mesh.pp, "dp": mesh.dp, "schedule": args.schedule if mesh.pp > 1 else None,
+                     "microbatches": args.microbatches, "device": mesh.device.type},
+        "model": cfg.__dict__,
+        "steps": history,
+        "first_loss": history[0]["loss"],
+        "final_loss": history[-1]["loss"],
+        "chance_loss": chance,
+        "floor_loss": floor,
+        "elapsed_s": elapsed,
+        "tokens_per_s": tokens_per_step * len(history) / elapsed,
+    }
+    if reference is not None:
+        diffs = [abs(a["loss"] - b) for a, b in zip(history, reference)]
+        metrics["check"] = {"reference_losses": reference, "max_loss_diff": max(diffs)}
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    with open(os.path.join(out, "timeline.json"), "w") as f:
+        json.dump(chrome_trace(rows), f)
+    render(_last_steps(rows), os.path.join(out, "schedule.png"),
+           title=f"measured: tp={mesh.tp} pp={mesh.pp} dp={mesh.dp}"
+           + (f" {args.schedule}, m={args.microbatches}" if mesh.pp > 1 else "") + " (last 2 steps)")
+    _plot_loss(history, chance, floor, os.path.join(out, "loss.png"))
+    print(f"loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f} (chance {chance:.3f}, best possible "
+          f"{floor:.3f}) in {len(history)} steps, {elapsed:.1f} s, {metrics['tokens_per_s']:,.0f} tokens/s")
+    if reference is not None:
+        print(f"check: largest loss difference to the tp=pp=dp=1 reference over {len(history)} steps: "
+              f"{metrics['check']['max_loss_diff']:.2e}")
+    print(f"wrote {out}/: metrics.json, checkpoint/, timeline.json, schedule.png, loss.png")

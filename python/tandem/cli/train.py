@@ -1,0 +1,124 @@
+"""`tandem train`: train tandem's GPT on a synthetic task under TP x PP x DP.
+
+Started without torchrun, it launches itself on --nproc local processes (gloo on CPU, NCCL
+on GPUs). Every argument is checked before any process starts: a bad one is one line on
+stderr and exit code 2.
+"""
+
+import json
+import os
+import time
+
+from tandem.cli import common, data
+
+SCHEDULES = {"gpipe": "GPipe", "1f1b": "OneFOneB", "interleaved": "Interleaved1F1B", "zb-h1": "ZeroBubbleH1"}
+MODELS = {
+    "tiny": dict(vocab_size=64, max_seq_len=32, num_layers=4, hidden_size=64, num_heads=4, ffn_hidden_size=256),
+    "small": dict(vocab_size=256, max_seq_len=128, num_layers=8, hidden_size=256, num_heads=8,
+                  ffn_hidden_size=1024),
+}
+
+
+def add_parser(sub):
+    p = sub.add_parser("train", help="train a GPT under TP x PP x DP on a synthetic task")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: nproc / (tp*pp))")
+    p.add_argument("--nproc", type=int, default=None, help="processes to launch (default: tp*pp*dp)")
+    p.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES), help="pipeline schedule")
+    p.add_argument("--microbatches", type=int, default=None, help="microbatches per step (default: 2*pp)")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step per dp replica")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--model", default="tiny", help="tiny, small, or a GPTConfig as JSON (a file or a string)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/train", help="output directory")
+    p.add_argument("--check", action="store_true", help="also train the tp=pp=dp=1 reference on the same data "
+                   "and report the largest loss difference")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds any rank waits for another")
+    p.set_defaults(run=run)
+
+
+def model_config(spec: str):
+    from tandem.models import GPTConfig
+
+    if spec in MODELS:
+        return GPTConfig(**MODELS[spec])
+    text = spec
+    if os.path.exists(spec):
+        with open(spec) as f:
+            text = f.read()
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError:
+        raise common.UsageError(f"--model {spec!r}: not one of {sorted(MODELS)}, an existing JSON file, or JSON")
+    try:
+        return GPTConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise common.UsageError(f"--model: {e}")
+
+
+def _world(args) -> tuple[int, int, int, int]:
+    """(tp, pp, dp, nproc), validated."""
+    for name in ("tp", "pp", "dp", "nproc", "microbatches", "steps", "batch_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise common.UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    tp, pp = args.tp, args.pp
+    if common.under_launcher():
+        world = int(os.environ["WORLD_SIZE"])
+    else:
+        world = args.nproc or tp * pp * (args.dp or 1)
+    dp = args.dp or world // (tp * pp) or 1
+    if tp * pp * dp != world:
+        raise common.UsageError(f"tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp} does not match the {world} "
+                                f"processes; use --nproc {tp * pp * dp} or change --tp/--pp/--dp")
+    return tp, pp, dp, world
+
+
+def schedule_for(name: str, pp: int, microbatches: int):
+    from tandem import pipeline
+
+    cls = getattr(pipeline, SCHEDULES[name])
+    if name == "interleaved":
+        return cls(pp, microbatches, virtual_stages=2)
+    return cls(pp, microbatches)
+
+
+def validate(args):
+    """Everything checkable before any process starts. Returns (cfg, tp, pp, dp, world)."""
+    cfg = model_config(args.model)
+    tp, pp, dp, world = _world(args)
+    try:
+        cfg.check_tp(tp)
+    except ValueError as e:
+        raise common.UsageError(str(e))
+    if args.microbatches is None:
+        args.microbatches = 2 * pp if pp > 1 else 1
+    if args.batch_size % args.microbatches:
+        raise common.UsageError(f"--batch-size {args.batch_size} is not divisible by --microbatches "
+                                f"{args.microbatches}")
+    if cfg.sequence_parallel and cfg.max_seq_len % tp:
+        raise common.UsageError(f"sequence parallelism needs max_seq_len={cfg.max_seq_len} divisible by tp={tp}")
+    if pp > 1:
+        try:
+            schedule = schedule_for(args.schedule, pp, args.microbatches)
+        except ValueError as e:
+            raise common.UsageError(f"--schedule {args.schedule}: {e}")
+        units = cfg.num_layers + 2  # embedding, blocks, head
+        if units < schedule.num_stages:
+            raise common.UsageError(f"the model has {units} layers (embedding + {cfg.num_layers} blocks + head), "
+                                    f"fewer than the {schedule.num_stages} pipeline stages of {args.schedule}")
+    return cfg, tp, pp, dp, world
+
+
+def run(args) -> int:
+    try:
+        cfg, tp, pp, dp, world = validate(args)
+    except common.UsageError as e:
+        common.fail(str(e))
+    if world > 1 and not common.under_launcher():
+        return common.relaunch(world, args.argv)
+    from tandem.cli.train_loop import train
+
+    return train(args, cfg, tp, pp, dp)

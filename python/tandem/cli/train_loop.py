@@ -1,0 +1,109 @@
+"""The training loop of `tandem train`, run on every rank."""
+
+import json
+import math
+import os
+import time
+
+import torch
+
+from tandem.cli import common, data
+
+
+def _build(args, cfg, mesh):
+    """(trainable modules of this rank, step function(inputs, targets) -> loss, timeline source)."""
+    from tandem.models import GPT
+
+    torch.manual_seed(args.seed)  # identical full weights on every rank, as the reference
+    model = GPT(cfg, mesh=mesh)
+    if mesh.pp == 1:
+        records = []
+
+        def step(inputs, targets):
+            t0 = time.perf_counter()
+            loss = model(inputs, targets)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            records.append(("F", t0, t1))
+            records.append(("B", t1, t2))
+            return loss.detach()
+
+        return model, step, records
+    from tandem.cli.train_pipeline import build_pipeline
+
+    return build_pipeline(args, cfg, mesh, model)
+
+
+def _reference_losses(args, cfg, dp: int) -> list:
+    """Loss per step of the tp=pp=dp=1 model on the same data (all dp shards in one batch)."""
+    from tandem.mesh import Mesh
+    from tandem.models import GPT
+
+    torch.manual_seed(args.seed)
+    model = GPT(cfg, mesh=Mesh.single())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    losses = []
+    for step in range(args.steps):
+        parts = [data.batch(step, args.batch_size, cfg.max_seq_len, cfg.vocab_size, seed=args.seed, shard=r)
+                 for r in range(dp)]
+        inputs = torch.cat([p[0] for p in parts])
+        targets = torch.cat([p[1] for p in parts])
+        loss = model(inputs, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def train(args, cfg, tp: int, pp: int, dp: int) -> int:
+    import tandem
+    from tandem.dp import all_reduce_grads
+
+    mesh = tandem.init_mesh(tp=tp, pp=pp, dp=dp, timeout=args.timeout)
+    rank0 = mesh.rank == 0
+    if rank0:
+        print(mesh.describe(), flush=True)
+    module, step_fn, timeline = _build(args, cfg, mesh)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    tokens_per_step = args.batch_size * cfg.max_seq_len * dp
+    history = []
+    bar = None
+    if rank0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.steps, desc="train", unit="step", dynamic_ncols=True)
+    start = time.perf_counter()
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        inputs, targets = data.batch(step, args.batch_size, cfg.max_seq_len, cfg.vocab_size, seed=args.seed,
+                                     shard=mesh.dp_rank)
+        loss = step_fn(inputs.to(mesh.device), targets.to(mesh.device))
+        all_reduce_grads(params, mesh)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = loss.float()
+        if dp > 1:  # the global batch's loss: average over replicas
+            loss = loss.clone()
+            mesh.dp_comm.all_reduce(loss).wait()
+            loss /= dp
+        dt = time.perf_counter() - t0
+        history.append({"step": step, "loss": loss.item(), "step_time_s": dt, "tokens_per_s": tokens_per_step / dt})
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", step_ms=f"{dt * 1e3:.0f}")
+            bar.update()
+    elapsed = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    os.makedirs(args.out, exist_ok=True)
+    from tandem import checkpoint
+
+    checkpoint.save(module, os.path.join(args.out, "checkpoint"),
+                    extra={"config": cfg.__dict__, "tp": tp, "pp": pp, "dp": dp})
+    from tandem.cli.outputs import write_outputs
+
+    write_outputs(args, cfg, mesh, history, timeline, elapsed, tokens_per_step,
+                  _reference_losses(args, cfg, dp) if (args.check and rank0) else None)
+    return 0
