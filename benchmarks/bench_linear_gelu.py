@@ -196,9 +196,9 @@ SHAPE_COLS = [common.Column("M", "", 6, "d"), common.Column("K", "", 6, "d"),
               common.Column("N", "", 6, "d"), common.Column("tp", "", 3, "d")]
 TIMES = common.Table(SHAPE_COLS + [
     common.Column("variant", "", 10),
-    common.Column("fwd", "(ms)", 9), common.Column("TFLOP/s", "", 8, ".1f"),
-    common.Column("bwd", "(ms)", 9), common.Column("TFLOP/s", "", 8, ".1f"),
-    common.Column("f+b", "(ms)", 9), common.Column("TFLOP/s", "", 8, ".1f"),
+    common.Column("fwd", "(ms)", 9), common.Column("TFLOP/s", "", 8, ".2f"),
+    common.Column("bwd", "(ms)", 9), common.Column("TFLOP/s", "", 8, ".2f"),
+    common.Column("f+b", "(ms)", 9), common.Column("TFLOP/s", "", 8, ".2f"),
     common.Column("#wrong", "", 7, "d"),
 ])
 RATIOS = common.Table(SHAPE_COLS + [
