@@ -1,0 +1,301 @@
+"""PipelineRunner: execute this rank's lowered action list for one training step.
+
+    RECV_F / RECV_B   post the receive at once (the data lands while other actions run)
+    F                 forward of one microbatch; the last stage also computes its loss
+    B                 backward: the input gradient only when the schedule has W, else full
+    W                 weight gradient (autograd restricted to the stage's parameters)
+    SEND_F / SEND_B   start the send and move on; sends are waited for at the end
+
+Gradients accumulate in ``param.grad`` over the microbatches (each microbatch loss is
+scaled by 1/m, so they sum to the gradient of the mean loss). After the last action:
+tied weights (a tied embedding's copy on the last stage) exchange and sum their gradients,
+DP replicas average theirs, and the mean loss is all-reduced so that every rank of the
+pipeline returns it. Every wait is bounded by ``timeout``; a stage that raises posts its
+error on the job's store and every other rank stops with that error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from tandem.pipeline._stage_exec import StageExec
+from tandem.pipeline._transport import P2P, ErrorBoard, PipelineError, wait
+from tandem.pipeline.ir import Action, ActionKind, TimelineRecord
+from tandem.pipeline.lower import lower
+from tandem.pipeline.schedules import Schedule
+
+__all__ = ["PipelineRunner", "PipelineError", "chrome_trace"]
+
+K = ActionKind
+_runner_ids = itertools.count()
+
+
+def chrome_trace(timeline: Sequence[TimelineRecord]) -> dict:
+    """Chrome-trace JSON (chrome://tracing, Perfetto) of timeline records: one process per
+    rank, one thread per stage, one complete event per action, times in microseconds."""
+    if not timeline:
+        return {"traceEvents": []}
+    t0 = min(rec.start_s for rec in timeline)
+    events = [{"name": str(rec.action), "cat": rec.kind.value, "ph": "X", "pid": rec.rank,
+               "tid": rec.stage, "ts": (rec.start_s - t0) * 1e6,
+               "dur": (rec.end_s - rec.start_s) * 1e6,
+               "args": {"microbatch": rec.microbatch}} for rec in timeline]
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def _build_schedule(schedule, pp: int, m: int) -> Schedule:
+    if isinstance(schedule, Schedule):
+        if schedule.num_ranks != pp:
+            raise ValueError(f"PipelineRunner: the schedule has {schedule.num_ranks} ranks, the "
+                             f"mesh has pp={pp}")
+        if schedule.num_microbatches != m:
+            raise ValueError(f"PipelineRunner: num_microbatches={m}, but the schedule was made "
+                             f"for {schedule.num_microbatches}")
+        return schedule
+    if callable(schedule):  # a Schedule class or a factory (num_ranks, num_microbatches)
+        return schedule(pp, m)
+    raise TypeError(f"PipelineRunner: schedule must be a Schedule or a Schedule class, got {schedule!r}")
+
+
+class PipelineRunner:
+    """Runs pipeline steps of this rank's stage(s) with a schedule.
+
+    ``stage_module``: this rank's stage, or a list of its stages in order (virtual stages,
+    ``schedule.layout.stages_of(pp_rank)``); a ``StageModule`` from ``split`` carries its
+    stage index and tied weights. ``mesh``: the tp x pp x dp mesh (default: the default
+    mesh, else one process). ``schedule``: a Schedule instance or class. ``loss_fn(output,
+    target) -> scalar`` on the last stage. ``shapes``: "static" (messages keep the shapes
+    of the first call: headers only then) or "dynamic" (a header before every activation).
+    ``timeout``: seconds any wait may take.
+    """
+
+    def __init__(self, stage_module, *, mesh=None, schedule, loss_fn: Callable,
+                 num_microbatches: int, shapes: str = "static", timeout: float = 300.0):
+        from tandem.mesh import Mesh, get_mesh
+
+        self.mesh = mesh if mesh is not None else (get_mesh() or Mesh.single())
+        pp, rank = self.mesh.pp, self.mesh.pp_rank
+        if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) \
+                or num_microbatches < 1:
+            raise ValueError(f"PipelineRunner: num_microbatches must be an int >= 1, got "
+                             f"{num_microbatches!r}")
+        if shapes not in ("static", "dynamic"):
+            raise ValueError(f'PipelineRunner: shapes must be "static" or "dynamic", got {shapes!r}')
+        if not timeout or timeout <= 0:
+            raise ValueError(f"PipelineRunner: timeout must be positive seconds, got {timeout!r}")
+        self.schedule = _build_schedule(schedule, pp, num_microbatches)
+        self.layout = self.schedule.layout
+        self.num_microbatches, self.loss_fn, self.timeout = num_microbatches, loss_fn, timeout
+        self.shapes = shapes
+        modules = list(stage_module) if isinstance(stage_module, (list, tuple)) else [stage_module]
+        mine = self.layout.stages_of(rank)
+        if len(modules) != len(mine):
+            raise ValueError(f"PipelineRunner: pipeline rank {rank} holds stages {list(mine)} under "
+                             f"{self.schedule!r}, but {len(modules)} stage module(s) were given")
+        for s, mod in zip(mine, modules):
+            if not isinstance(mod, nn.Module):
+                raise TypeError(f"PipelineRunner: stage {s} is not an nn.Module: {mod!r}")
+            given = getattr(mod, "stage", s)
+            if given != s or getattr(mod, "num_stages", self.layout.num_stages) != self.layout.num_stages:
+                raise ValueError(f"PipelineRunner: pipeline rank {rank} runs stage {s} of "
+                                 f"{self.layout.num_stages}, but was given stage {given} of "
+                                 f"{getattr(mod, 'num_stages', '?')}")
+        self.rank = rank
+        self.lowered = lower(self.schedule)[rank]
+        self.board = ErrorBoard(f"runner{next(_runner_ids)}")
+        self.device = self.mesh.device
+        self.who = f"pipeline rank {rank} (global rank {self.mesh.rank})"
+        self.p2p = None
+        if pp > 1:
+            self.p2p = P2P(self.mesh.pp_comm, board=self.board, timeout=timeout,
+                           device=self.device, who=self.who)
+        self.stages = {s: StageExec(s, mod, self) for s, mod in zip(mine, modules)}
+        self.known_shapes: dict = {}
+        self.timeline: list[TimelineRecord] = []
+        self._events: list = []
+
+    # --- public ---------------------------------------------------------------------------
+    @property
+    def stage_modules(self) -> list[nn.Module]:
+        return [ex.module for ex in self.stages.values()]
+
+    def parameters(self):
+        return itertools.chain.from_iterable(m.parameters() for m in self.stage_modules)
+
+    def step(self, inputs: Optional[Tensor] = None, targets: Optional[Tensor] = None) -> Tensor:
+        """One training step over ``num_microbatches`` microbatches; returns the mean loss
+        on every rank. ``inputs`` are needed on the first stage, ``targets`` on the last."""
+        self._run(inputs, targets, train=True)
+        self._sum_tied_grads()
+        self._all_reduce_dp()
+        loss = self._share_loss()
+        self._end()
+        return loss
+
+    @torch.no_grad()
+    def forward(self, inputs: Optional[Tensor] = None) -> Optional[Tensor]:
+        """Inference: the last stage's output for ``inputs`` (concatenated over the
+        microbatches) on the last stage's rank, None on the others."""
+        self._run(inputs, None, train=False)
+        last = self.stages.get(self.layout.num_stages - 1)
+        out = torch.cat(last.outputs_in_order(), dim=0) if last is not None else None
+        self._share_loss()  # also a final check that no stage failed
+        self._end()
+        return out
+
+    __call__ = forward
+
+    def chrome_trace(self) -> dict:
+        """This rank's last timeline as Chrome-trace JSON."""
+        return chrome_trace(self.timeline)
+
+    def save_chrome_trace(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.chrome_trace(), f)
+
+    # --- one pass over the action list ------------------------------------------------------
+    def _fail(self, message: str, cause: BaseException) -> None:
+        self.board.post(message)
+        raise PipelineError(message) from cause
+
+    def _run(self, inputs, targets, *, train: bool) -> None:
+        self.board.check(force=True)
+        self.timeline, self._events = [], []
+        m = self.num_microbatches
+        try:
+            chunks_in = self._chunks(inputs, "inputs") if 0 in self.stages else None
+            last = self.layout.num_stages - 1
+            chunks_tg = self._chunks(targets, "targets") if train and last in self.stages else None
+            for ex in self.stages.values():
+                ex.begin(train, m, chunks_in if ex.stage == 0 else None,
+                         chunks_tg if ex.stage == last else None)
+        except (ValueError, TypeError) as e:
+            self._fail(f"{self.who}: step refused: {e}", e)
+        actions = self.lowered if train else [
+            a for a in self.lowered if a.kind in (K.F, K.SEND_F, K.RECV_F)]
+        for a in actions:
+            self._execute(a)
+        if self.p2p is not None:
+            self.p2p.finish()
+
+    def _chunks(self, t, name: str) -> list:
+        m = self.num_microbatches
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor on this stage, got {type(t).__name__}")
+        if t.dim() == 0 or t.shape[0] % m:
+            raise ValueError(f"{name} of shape {tuple(t.shape)}: the batch (dim 0) must be divisible "
+                             f"by num_microbatches={m}")
+        return list(t.chunk(m, dim=0))
+
+    def _execute(self, a: Action) -> None:
+        ex = self.stages[a.stage]
+        t0 = self._clock()
+        try:
+            if a.kind is K.F:
+                ex.forward(a.microbatch)
+            elif a.kind is K.B:
+                ex.backward_input(a.microbatch) if self.schedule.split_backward \
+                    else ex.backward(a.microbatch)
+            elif a.kind is K.W:
+                ex.backward_weight(a.microbatch)
+            elif a.kind in (K.RECV_F, K.RECV_B):
+                ex.post_recv(a)
+            else:
+                ex.send(a)
+        except PipelineError:
+            raise
+        except Exception as e:
+            self._fail(f"stage {a.stage} ({self.who}) failed in {a}: {type(e).__name__}: {e}", e)
+        self._record(a, t0)
+
+    # --- timeline ---------------------------------------------------------------------------
+    def _clock(self):
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _record(self, a: Action, start) -> None:
+        end = self._clock()
+        if isinstance(start, float):
+            self.timeline.append(TimelineRecord(self.rank, a.stage, a.kind, a.microbatch, start, end))
+        else:
+            self._events.append((a, start, end))
+
+    def resolve_timeline(self) -> list[TimelineRecord]:
+        """Turn recorded CUDA events into timeline records (synchronizes them)."""
+        if self._events:
+            base_ev, base_host = self._events[0][1], None
+            base_ev.synchronize()
+            base_host = time.perf_counter()
+            for a, s, e in self._events:
+                e.synchronize()
+                t0 = base_host + base_ev.elapsed_time(s) / 1e3
+                t1 = base_host + base_ev.elapsed_time(e) / 1e3
+                self.timeline.append(TimelineRecord(self.rank, a.stage, a.kind, a.microbatch, t0, t1))
+            self._events = []
+        return self.timeline
+
+    # --- after the last action ----------------------------------------------------------
+    def _sum_tied_grads(self) -> None:
+        exchanges = []
+        for ex in self.stages.values():
+            for name, (param, other) in getattr(ex.module, "tied", {}).items():
+                pair = (min(ex.stage, other), max(ex.stage, other))
+                exchanges.append((pair, ex.stage, other, name, param))
+        exchanges.sort(key=lambda e: e[0])
+        local: dict = {}
+        for pair, stage, other, name, param in exchanges:
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            peer = self.layout.rank_of(other)
+            if peer == self.rank:  # both ends on this rank: sum once both are seen
+                if pair in local:
+                    other_param, other_grad = local.pop(pair)
+                    total = grad + other_grad
+                    param.grad, other_param.grad = total.clone(), total.clone()
+                else:
+                    local[pair] = (param, grad)
+                continue
+            key = ("tied", pair, name)
+            self.p2p.post_recv(key, peer, (tuple(grad.shape), grad.dtype), what=f"tied gradient {name}")
+            self.p2p.send(grad, peer, header=False, what=f"tied gradient {name}")
+            theirs = self.p2p.take(key)
+            # a + b == b + a in floating point: both ends hold the same sum
+            param.grad = grad + theirs if stage == pair[0] else theirs + grad
+        if self.p2p is not None:
+            self.p2p.finish()
+
+    def _all_reduce_dp(self) -> None:
+        if self.mesh.dp > 1:
+            from tandem.dp import all_reduce_grads
+
+            all_reduce_grads(self.parameters(), self.mesh)
+
+    def _share_loss(self) -> Tensor:
+        last = self.stages.get(self.layout.num_stages - 1)
+        loss = last.loss_sum() if last is not None else None
+        out = torch.zeros((), dtype=torch.float32, device=self.device) if loss is None \
+            else loss.detach().float().reshape(())
+        host = self.device.type != "cuda"
+        if self.mesh.pp > 1:
+            out = out.reshape(1).contiguous()
+            wait(self.mesh.pp_comm.all_reduce(out), f"{self.who}: loss all-reduce", self.board,
+                 self.timeout, host=True)  # () summed over pp: only the last stage adds
+            out = out.reshape(())
+        if self.mesh.dp > 1:
+            out = out.reshape(1).contiguous()
+            wait(self.mesh.dp_comm.all_reduce(out), f"{self.who}: loss all-reduce over dp",
+                 self.board, self.timeout, host=host)
+            out = (out / self.mesh.dp).reshape(())
+        return out
+
+    def _end(self) -> None:
+        for ex in self.stages.values():
+            ex.end()
