@@ -28,10 +28,11 @@
 set -u -o pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT" || exit 1
-OUT=${1:-out/gpu_check}
+OUT=${1:-$ROOT/out/gpu_check}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 1
 PY=${PYTHON:-python3}
+[[ $PY == */* ]] && PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")  # a path, from here
+cd "$ROOT" || exit 1
 BUDGET_S=${BUDGET_S:-450}
 BUILD=${BUILD:-auto}
 export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build of tandem._C
@@ -140,7 +141,7 @@ PYEOF
 }
 
 section_build() {
-    local reason
+    local reason did_build=0
     if [[ $BUILD == never ]] || { [[ $BUILD == auto ]] && reason=$(core_up_to_date) && [[ $reason == *"up to date" ]]; }; then
         STEP_S=0
         echo "${reason:-BUILD=never}: not rebuilt" >"$OUT/build.log"
@@ -148,6 +149,7 @@ section_build() {
         echo "-- rebuilding the core: ${reason:-BUILD=$BUILD}"
         run_step build "${BUILD_TIMEOUT_S:-300}" -- env MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
             TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" "$PY" setup.py build_ext --inplace
+        did_build=1
         if ((STEP_RC != 0)); then
             record build "$(status_of $STEP_RC)" "$(why $STEP_RC)setup.py build_ext --inplace: see build.log"
             return
@@ -161,7 +163,7 @@ print(" ".join(f"{k}={v}" for k, v in tandem.build_info().items()))'
     info=$(tail -n 1 "$OUT/build_info.log")
     if ((STEP_RC != 0)); then
         record build FAIL "$(why $STEP_RC)import tandem failed: $info"
-    elif ((built == 0)); then
+    elif ((did_build == 0)); then
         record build ok "kept (${reason:-BUILD=never}); $info"
     else
         record build ok "built in place; $info"
