@@ -97,7 +97,7 @@ def leaves_of(variant: str, x, w, b) -> list:
 
 def reference(kind: str, x, w, b, grad_out):
     """float64 output and gradients; kind is "gemm" or a GeLU approximation."""
-    xs = [t.detach().double().requires_grad_() for t in leaves_of("gemm" if kind == "gemm" else "fused", x, w, b)]
+    xs = [t.detach().double().requires_grad_() for t in ([x, w] if kind == "gemm" else [x, w, b])]
     pre = F.linear(*xs)
     out = pre if kind == "gemm" else F.gelu(pre, approximate=kind)
     grads = torch.autograd.grad(out, xs, grad_out.double())
