@@ -2,7 +2,12 @@
 
 import torch  # noqa: F401  (loads libtorch before the core)
 
-from tandem import _C
+try:
+    from tandem import _C
+except ImportError as e:  # a source tree without the compiled core
+    raise ImportError(
+        f"tandem's compiled core (tandem._C) could not be loaded: {e}. Build it with "
+        "`pip install --no-build-isolation -e .` (or `make build`) using the torch you run with") from e
 from tandem import ops  # noqa: F401  (registers fake kernels)
 from tandem import nn  # noqa: F401
 from tandem.mesh import Mesh, get_mesh, init_mesh, set_mesh
