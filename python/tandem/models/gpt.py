@@ -4,6 +4,7 @@ With tp = 1 (no mesh, or a mesh with tp=1) it is a plain single-device model. It
 are ``[embed, *blocks, head]`` (see :meth:`GPT.layers`), the units a pipeline splits.
 """
 
+import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -144,6 +145,19 @@ class GPTHead(FullStateDictMixin, nn.Module):
     @property
     def weight(self) -> Tensor:
         return self._tied[0].weight if self.lm_head is None else self.lm_head.weight
+
+    def tied_source(self) -> Optional[nn.Module]:
+        """The module whose ``weight`` this head multiplies by when tied (None when untied)."""
+        return self._tied[0] if self.lm_head is None else None
+
+    def with_tied_weight(self, holder: nn.Module) -> "GPTHead":
+        """A shallow copy of this tied head that multiplies by ``holder.weight`` instead (a
+        pipeline stage's own copy of the tied embedding); every other submodule is shared."""
+        if self.lm_head is not None:
+            raise ValueError("GPTHead.with_tied_weight: this head is not tied (tie_embeddings=False)")
+        head = copy.copy(self)
+        head._tied = [holder]
+        return head
 
     def forward(self, x: Tensor) -> Tensor:
         comm, sp = self.tp.comm, self.config.sequence_parallel

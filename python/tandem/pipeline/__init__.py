@@ -12,6 +12,7 @@ pipeline with stage-local KV caches.
 
 from tandem.pipeline.custom import (CustomSchedule, format_csv, format_schedule, parse_csv,
                                     parse_schedule)
+from tandem.pipeline.generate import generate, sharded_argmax
 from tandem.pipeline.ir import (Action, ActionKind, DeadlockError, ScheduleError, StageLayout,
                                 TimelineRecord)
 from tandem.pipeline.lower import lower, validate_lowered
@@ -54,4 +55,6 @@ __all__ = [
     "PipelineRunner",
     "PipelineError",
     "chrome_trace",
+    "generate",
+    "sharded_argmax",
 ]

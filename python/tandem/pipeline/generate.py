@@ -1,0 +1,194 @@
+"""Pipelined decoding of tandem's GPT: each stage keeps the KV caches of its own blocks.
+
+The requests are cut into ``num_microbatches`` groups (default: as many as pipeline
+stages) that are in flight together: while the last stage picks the next token of group
+i, the earlier stages already work on groups i + 1, ... . Per decoding step t and group i:
+
+    first stage   ids (the prompt at t = 0, else the token the last stage sent back)
+                  -> embedding at position offset -> its blocks -> send h to the next stage
+    other stages  receive h -> their blocks (with their caches) -> send h on
+    last stage    ... -> head: vocab-sharded logits [b, V/tp] of the last position ->
+                  next token (argmax over the shards, never gathering the vocabulary) ->
+                  send it back to the first stage
+
+Sampling (temperature > 0) is the Gumbel-max trick, argmax(logits / T + g) with noise g
+drawn for the full [B, V] from ``seed`` and the step: the same tokens whatever the tp, pp
+or number of groups, and each shard only needs its own columns.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from tandem.pipeline._transport import P2P, ErrorBoard, PipelineError, wait
+
+__all__ = ["generate", "sharded_argmax"]
+
+_generation_ids = itertools.count()
+
+
+def sharded_argmax(scores: Tensor, comm, tp_rank: int) -> Tensor:
+    """argmax over the full last dimension of scores sharded over tp ([b, V/tp] per rank,
+    rank r holding columns r*V/tp ...) -> [b] global indices, first maximum on ties, as
+    torch.argmax of the gathered [b, V]. Gathers 2 numbers per row, not V/tp."""
+    value, index = scores.float().max(dim=-1)  # (b, V/tp) -> (b,), (b,)
+    if comm is None:
+        return index
+    local_v = scores.shape[-1]
+    mine = torch.stack([value.double(), (index + tp_rank * local_v).double()], dim=-1)  # (b, 2)
+    gathered = mine.new_empty((comm.size, *mine.shape))
+    comm.all_gather(gathered, mine.unsqueeze(0).contiguous()).wait()  # (1, b, 2) -> (tp, b, 2)
+    best_shard = gathered[..., 0].argmax(dim=0)  # (b,): first shard holding the maximum
+    return gathered[..., 1].gather(0, best_shard.unsqueeze(0)).squeeze(0).long()
+
+
+def _gumbel(seed: int, step: int, batch: int, vocab: int, device) -> Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    u = torch.rand(batch, vocab, generator=g, dtype=torch.float64)
+    return (-torch.log(-torch.log(u.clamp_min(1e-300)))).to(device)  # (B, V)
+
+
+class _Stage:
+    """The GPT layers of this stage, run with per-group caches."""
+
+    def __init__(self, module: nn.Module, groups: list[int], max_len: int):
+        from tandem.models.gpt import GPTBlock, GPTEmbedding, GPTHead
+
+        self.layers = list(module.layers.values()) if hasattr(module, "layers") else [module]
+        self.kinds = []
+        for layer in self.layers:
+            kind = ("embed" if isinstance(layer, GPTEmbedding) else "block" if isinstance(layer, GPTBlock)
+                    else "head" if isinstance(layer, GPTHead) else None)
+            if kind is None:
+                raise TypeError(f"generate: a stage holds {type(layer).__name__}; pipelined decoding "
+                                "runs GPT layers (GPTEmbedding, GPTBlock, GPTHead)")
+            self.kinds.append(kind)
+        blocks = [l for l, k in zip(self.layers, self.kinds) if k == "block"]
+        if any(b.sequence_parallel for b in blocks):
+            raise ValueError("generate: sequence_parallel models cannot decode one token at a time; "
+                             "build the model with sequence_parallel=False for inference")
+        # caches[i][j]: group i, j-th block of this stage; never leave this rank
+        self.caches = [[b.attn.new_cache(n, max_len) for b in blocks] for n in groups]
+        first = next(l for l in self.layers)
+        self.hidden = (first.config.hidden_size if hasattr(first, "config")
+                       else first.attn.hidden_size)
+        self.dtype = next(module.parameters()).dtype
+        self.tp = next((getattr(l, "tp") for l in self.layers if hasattr(l, "tp")), None)
+
+    def run(self, x: Tensor, group: int, offset: int) -> Tensor:
+        caches = iter(self.caches[group])
+        for layer, kind in zip(self.layers, self.kinds):
+            if kind == "embed":
+                x = layer(x, offset)  # (b, s) ids -> (b, s, h)
+            elif kind == "block":
+                x = layer(x, next(caches))  # (b, s, h), cache += s positions
+            else:
+                x = layer(x)  # (b, s, h) -> (b, s, V/tp)
+        return x
+
+
+@torch.no_grad()
+def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, mesh=None,
+             num_microbatches: Optional[int] = None, temperature: float = 0.0, seed: int = 0,
+             timeout: float = 300.0) -> Tensor:
+    """Decode ``max_new_tokens`` after ``prompt`` [B, s0] (the same on every rank) through
+    the pipeline; returns [B, s0 + max_new_tokens] on every rank.
+
+    ``stage_module``: this rank's stage of a GPT (``split(gpt.layers(), pp)``), one stage
+    per rank. Greedy when ``temperature == 0`` (token for token what the whole model's
+    greedy decoding gives), else sampled with ``seed``. ``num_microbatches``: request
+    groups in flight (default: min(pp, B)).
+    """
+    from tandem.mesh import Mesh, get_mesh
+
+    mesh = mesh if mesh is not None else (get_mesh() or Mesh.single())
+    pp, rank = mesh.pp, mesh.pp_rank
+    if not isinstance(prompt, Tensor) or prompt.dim() != 2 or prompt.dtype not in (torch.int64, torch.int32):
+        raise ValueError("generate: prompt must be int token ids of shape [B, s0]")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    stage = getattr(stage_module, "stage", rank)
+    if stage != rank or getattr(stage_module, "num_stages", pp) != pp:
+        raise ValueError(f"generate: pipeline rank {rank} of {pp} needs stage {rank} of {pp}, got stage "
+                         f"{stage} of {getattr(stage_module, 'num_stages', '?')}")
+    batch, s0 = prompt.shape
+    m = num_microbatches or min(pp, batch)
+    if not 1 <= m <= batch:
+        raise ValueError(f"generate: num_microbatches must be in 1..{batch} (the batch), got {m}")
+    rows = [r.tolist() for r in torch.arange(batch).tensor_split(m)]
+    st = _Stage(stage_module, [len(r) for r in rows], s0 + max_new_tokens)
+    first, last = rank == 0, rank == pp - 1
+    device = mesh.device
+    prompt = prompt.to(device=device, dtype=torch.int64)
+    board = ErrorBoard(f"generate{next(_generation_ids)}")
+    who = f"pipeline rank {rank} (global rank {mesh.rank})"
+    link = P2P(mesh.pp_comm, board=board, timeout=timeout, device=device, who=who) if pp > 1 else None
+    out = torch.zeros(batch, s0 + max_new_tokens, dtype=torch.int64, device=device)
+    out[:, :s0] = prompt
+    tokens: dict = {}  # (t, i) -> [b_i] next tokens, when pp == 1
+    try:
+        for t in range(max_new_tokens):
+            seq, offset = (s0, 0) if t == 0 else (1, s0 + t - 1)
+            if link is not None and not first:  # post this step's receives early
+                for i, r in enumerate(rows):
+                    link.post_recv(("h", t, i), rank - 1, ((len(r), seq, st.hidden), st.dtype),
+                                   what=f"hidden states of group {i}, step {t}")
+            noise = _gumbel(seed, t, batch, _vocab(stage_module), device) if last and temperature > 0 else None
+            for i, r in enumerate(rows):
+                if first:
+                    if t == 0:
+                        x = prompt[r]
+                    elif link is None:
+                        x = tokens.pop((t - 1, i))[:, None]
+                    else:
+                        x = link.take(("tok", t - 1, i))[:, None]
+                else:
+                    x = link.take(("h", t, i))
+                y = st.run(x, i, offset)
+                if not last:
+                    link.send(y, rank + 1, header=False, what=f"hidden states of group {i}, step {t}")
+                    if first and t + 1 < max_new_tokens:
+                        link.post_recv(("tok", t, i), pp - 1, ((len(r),), torch.int64),
+                                       what=f"tokens of group {i}, step {t}")
+                    continue
+                scores = y[:, -1].float()  # (b_i, V/tp): the last position
+                if noise is not None:
+                    cols = scores.shape[-1]
+                    start = (st.tp.rank if st.tp is not None else 0) * cols
+                    scores = scores / temperature + noise[r, start:start + cols]
+                tok = sharded_argmax(scores, st.tp.comm if st.tp is not None else None,
+                                     st.tp.rank if st.tp is not None else 0)
+                out[r, s0 + t] = tok
+                if t + 1 < max_new_tokens:
+                    if link is None:
+                        tokens[(t, i)] = tok
+                    elif not first:
+                        link.send(tok, 0, header=False, what=f"tokens of group {i}, step {t}")
+        if link is not None:
+            link.finish()
+            # every rank returns the tokens: the last stage has them all, the others add zeros
+            if not last:
+                out.zero_()
+            wait(mesh.pp_comm.all_reduce(out), f"{who}: output all-reduce", board, timeout)
+    except PipelineError:
+        raise
+    except Exception as e:
+        message = f"stage {rank} ({who}) failed in generate: {type(e).__name__}: {e}"
+        board.post(message)
+        raise PipelineError(message) from e
+    return out
+
+
+def _vocab(module: nn.Module) -> int:
+    from tandem.models.gpt import GPTHead
+
+    for layer in getattr(module, "layers", {}).values():
+        if isinstance(layer, GPTHead):
+            return layer.config.vocab_size
+    raise ValueError("generate: the last stage holds no GPTHead")
