@@ -27,6 +27,42 @@ def _batch(b):
     return torch.randn(b, H, generator=g), torch.randn(b, H, generator=g)
 
 
+class _Boom(nn.Module):
+    """Raises in its second forward (microbatch 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("boom in a layer")
+        return x
+
+
+def _failing_stage(mesh, world):
+    """A stage that raises: every rank stops with its error, long before the timeout."""
+    import time
+
+    from tandem.pipeline import OneFOneB, PipelineError, PipelineRunner, split
+
+    bad = world - 2
+    layers = _layers(world)
+    stage = split(layers, world, balance="uniform")
+    if mesh.pp_rank == bad:
+        stage.layers.add_module("boom", _Boom())
+    runner = PipelineRunner(stage, mesh=mesh, schedule=OneFOneB(world, world),
+                            loss_fn=nn.functional.mse_loss, num_microbatches=world, timeout=60)
+    x, y = _batch(4 * world)
+    t0 = time.monotonic()
+    try:
+        runner.step(x if mesh.pp_rank == 0 else None, y if mesh.pp_rank == world - 1 else None)
+    except PipelineError as e:
+        return str(e), time.monotonic() - t0
+    return "no error", time.monotonic() - t0
+
+
 def _reference(num_layers, b, used):
     """Loss and gradients of the whole model on the first ``used`` rows of the batch."""
     layers = _layers(num_layers)
@@ -92,15 +128,19 @@ def _check_schedules(rank, world, tmp):
         torch.testing.assert_close(out, nn.Sequential(*_layers(num_layers))(x))
     else:
         assert out is None
-    return report
+    return report, _failing_stage(mesh, world)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_schedule_matches_single_process(world, tmp_path):
-    reports = run_ranks(world, _check_schedules, str(tmp_path), timeout=240)
+    results = run_ranks(world, _check_schedules, str(tmp_path), timeout=240)
+    reports = [r for r, _ in results]
     for kinds in (k for _, k in reports[0]):
         assert {"F", "B"} <= set(kinds)
     assert any("W" in k for _, k in reports[0])  # ZB-H1 ran split backwards
+    for rank, (_, (message, seconds)) in enumerate(results):
+        assert f"stage {world - 2} " in message and "boom in a layer" in message, (rank, message)
+        assert f"in {world - 2}F1" in message and seconds < 30, (rank, message, seconds)
     trace = json.load(open(tmp_path / "trace0.json"))
     names = {e["name"] for e in trace["traceEvents"]}
     assert "0F0" in names and all(e["ph"] == "X" and e["dur"] >= 0 for e in trace["traceEvents"])
