@@ -35,5 +35,7 @@ TORCH_LIBRARY_IMPL(tandem, Autograd, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tandem's compiled core";
   m.def("build_info", &tandem::build_info, "How this core was built: CUDA kernels, archs, versions");
-  tandem::comm::bind(m);  // Communicator, Work, CommError, CommTimeoutError
+  tandem::comm::bind(m);     // Communicator, Work, CommError, CommTimeoutError
+  tandem::overlap::bind(m);  // row_parallel_linear forward, column_parallel_backward
+  tandem::p2p::bind(m);      // StageLink
 }

@@ -30,55 +30,20 @@ c10d::ReduceOp to_c10d(ReduceOp op) {
   return c10d::ReduceOp::SUM;
 }
 
-class C10dWork final : public Work {
- public:
-  C10dWork(c10::intrusive_ptr<c10d::Work> work, std::string what, double timeout_s, bool is_p2p)
-      : Work(std::move(what), timeout_s), work_(std::move(work)), is_p2p_(is_p2p) {}
+// A send/recv is waited for on a helper thread started with the operation: gloo's own
+// timeout on a send/recv closes every connection of the group, and gloo reports a p2p
+// operation complete only once someone waited for it. The helper waits without a timeout;
+// our deadline aborts the operation instead, and the group stays usable.
+struct P2PWaiter {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool finished = false;
+  bool ok = false;
+  std::string error;
 
-  void wait(std::optional<double> timeout_s) override { synchronize(timeout_s); }
-
-  void synchronize(std::optional<double> timeout_s) override {
-    if (!error_.empty()) throw_error();
-    if (done_) return;
-    const double limit = timeout_or_default(timeout_s);
-    if (is_p2p_) {
-      wait_p2p(limit);
-    } else {
-      wait_collective(limit);
-    }
-    done_ = true;
-  }
-
-  bool is_completed() override { return done_ || !error_.empty() || work_->isCompleted(); }
-
- private:
-  // A collective runs on a gloo worker thread; Work::wait(timeout) waits on its completion
-  // without disturbing it.
-  void wait_collective(double limit) {
-    const auto start = Clock::now();
-    bool ok = false;
-    try {
-      ok = work_->wait(to_ms(limit));
-    } catch (const std::exception& e) {
-      const double waited = std::chrono::duration<double>(Clock::now() - start).count();
-      // c10d reports a timeout as an ordinary error: tell it apart by the time it took.
-      fail(waited >= 0.95 * limit, e.what(), limit);
-    }
-    if (!ok) fail(false, "the operation was aborted", limit);
-  }
-
-  // gloo's own timeout on a send/recv closes every connection of the group. So the wait
-  // itself runs on a helper thread without a timeout, and on our deadline we abort the
-  // operation: the group stays usable.
-  void wait_p2p(double limit) {
-    struct Waiter {
-      std::mutex mu;
-      std::condition_variable cv;
-      bool finished = false, ok = false;
-      std::string error;
-    };
-    auto waiter = std::make_shared<Waiter>();
-    std::thread([waiter, work = work_] {
+  static std::shared_ptr<P2PWaiter> start(c10::intrusive_ptr<c10d::Work> work) {
+    auto waiter = std::make_shared<P2PWaiter>();
+    std::thread([waiter, work = std::move(work)] {
       bool ok = false;
       std::string error;
       try {
@@ -92,19 +57,69 @@ class C10dWork final : public Work {
       waiter->error = error;
       waiter->cv.notify_all();
     }).detach();
-    std::unique_lock<std::mutex> lock(waiter->mu);
-    if (!waiter->cv.wait_for(lock, std::chrono::duration<double>(limit), [&] { return waiter->finished; })) {
+    return waiter;
+  }
+};
+
+class C10dWork final : public Work {
+ public:
+  C10dWork(c10::intrusive_ptr<c10d::Work> work, std::string what, double timeout_s, bool is_p2p)
+      : Work(std::move(what), timeout_s),
+        work_(std::move(work)),
+        waiter_(is_p2p ? P2PWaiter::start(work_) : nullptr) {}
+
+  void wait(std::optional<double> timeout_s) override { synchronize(timeout_s); }
+
+  void synchronize(std::optional<double> timeout_s) override {
+    if (!error_.empty()) throw_error();
+    if (done_) return;
+    const double limit = timeout_or_default(timeout_s);
+    if (waiter_) {
+      wait_p2p(limit);
+    } else {
+      wait_collective(limit);
+    }
+    done_ = true;
+  }
+
+  bool is_completed() override {
+    if (done_ || !error_.empty()) return true;
+    if (!waiter_) return work_->isCompleted();
+    std::lock_guard<std::mutex> lock(waiter_->mu);
+    return waiter_->finished;
+  }
+
+ private:
+  // A collective runs on a gloo worker thread; Work::wait(timeout) waits for it without
+  // disturbing it.
+  void wait_collective(double limit) {
+    const auto start = Clock::now();
+    bool ok = false;
+    try {
+      ok = work_->wait(to_ms(limit));
+    } catch (const std::exception& e) {
+      const double waited = std::chrono::duration<double>(Clock::now() - start).count();
+      // c10d reports a timeout as an ordinary error: tell it apart by the time it took.
+      fail(waited >= 0.95 * limit, e.what(), limit);
+    }
+    if (!ok) fail(false, "the operation was aborted", limit);
+  }
+
+  void wait_p2p(double limit) {
+    std::unique_lock<std::mutex> lock(waiter_->mu);
+    if (!waiter_->cv.wait_for(lock, std::chrono::duration<double>(limit), [&] { return waiter_->finished; })) {
       lock.unlock();
       abort_quietly();  // wakes the helper; the posted buffer is given up
       fail(true, "", limit);
     }
-    if (!waiter->error.empty()) fail(false, waiter->error, limit);
-    if (!waiter->ok) fail(false, "the operation was aborted", limit);
+    if (!waiter_->error.empty()) fail(false, waiter_->error, limit);
+    if (!waiter_->ok) fail(false, "the operation was aborted", limit);
   }
 
   [[noreturn]] void fail(bool timed_out, const std::string& cause, double limit) {
     timed_out_ = timed_out;
-    error_ = timed_out ? what() + ": timed out after " + format_seconds(limit) : what() + ": failed: " + first_line(cause);
+    error_ = timed_out ? what() + ": timed out after " + format_seconds(limit)
+                       : what() + ": failed: " + first_line(cause);
     throw_error();
   }
 
@@ -132,7 +147,7 @@ class C10dWork final : public Work {
   }
 
   c10::intrusive_ptr<c10d::Work> work_;
-  bool is_p2p_;
+  std::shared_ptr<P2PWaiter> waiter_;  // set for send/recv
   bool done_ = false;
   bool timed_out_ = false;
   std::string error_;

@@ -43,11 +43,13 @@ const char* dtype_name(at::ScalarType t) {
 
 }  // namespace
 
-std::string tensor_signature(const at::Tensor& t) {
+std::string tensor_signature(at::ScalarType dtype, at::IntArrayRef shape) {
   std::ostringstream s;
-  s << dtype_name(t.scalar_type()) << t.sizes();
+  s << dtype_name(dtype) << shape;
   return s.str();
 }
+
+std::string tensor_signature(const at::Tensor& t) { return tensor_signature(t.scalar_type(), t.sizes()); }
 
 Communicator::Communicator(int rank, int size, at::Device device, double timeout_s)
     : rank_(rank), size_(size), device_(device), timeout_s_(timeout_s) {

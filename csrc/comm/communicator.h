@@ -89,5 +89,6 @@ using CommunicatorPtr = std::shared_ptr<Communicator>;
 
 // "float32[4, 8]"
 std::string tensor_signature(const at::Tensor& t);
+std::string tensor_signature(at::ScalarType dtype, at::IntArrayRef shape);
 
 }  // namespace tandem::comm

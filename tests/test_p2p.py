@@ -1,0 +1,217 @@
+"""StageLink on CPU with gloo: dynamic shapes around a ring, static shapes along a pipeline,
+pp=2 with both directions in flight, bad input, timeouts, and a peer that dies.
+"""
+
+import os
+import queue as queue_mod
+import tempfile
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distributed import run_ranks
+
+SHORT = 0.5  # seconds: timeouts that are meant to fire
+SLACK = 2.0  # seconds: how much later than its timeout an error may surface
+
+
+def _payload(sender, step, salt=0):
+    """A tensor of random sender/step-dependent shape and dtype that the receiver can recompute."""
+    g = torch.Generator().manual_seed(7919 * sender + 31 * step + salt)
+    ndim = int(torch.randint(0, 5, (1,), generator=g))
+    shape = tuple(int(s) for s in torch.randint(0, 6, (ndim,), generator=g))
+    dtype = (torch.float32, torch.bfloat16, torch.int64, torch.float64)[int(torch.randint(0, 4, (1,), generator=g))]
+    return torch.randint(-100, 100, shape, generator=g).to(dtype)
+
+
+def _check_dynamic_ring(comm, rank, n):
+    from tandem.comm import StageLink
+
+    prv, nxt = (rank - 1) % n, (rank + 1) % n
+    link = StageLink(comm, prv, nxt, shapes="dynamic", timeout=30.0)
+    for step in range(6):
+        link.send_forward(_payload(rank, step))
+        got, want = link.recv_forward(), _payload(prv, step)
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), (step, got, want)
+        link.send_backward(_payload(rank, step, salt=1))
+        assert torch.equal(link.recv_backward(), _payload(nxt, step, salt=1))
+    link.wait_sends()
+    assert link.pending_sends == 0
+
+
+def _check_static_pipeline(comm, rank, n):
+    """Stages 0 -> 1 -> ... -> n-1: forward adds 1 per stage, the last stage sends 2*y back."""
+    from tandem.comm import StageLink
+
+    first, last = rank == 0, rank == n - 1
+    link = StageLink(comm, None if first else rank - 1, None if last else rank + 1, shapes="static", timeout=30.0)
+    ptrs = set()
+    for mb in range(4):
+        x = torch.full((3, 5), float(mb)) if first else link.recv_forward()
+        if not first:
+            ptrs.add(x.data_ptr())
+        assert torch.equal(x, torch.full((3, 5), float(mb + rank))), (mb, x)
+        y = x + 1
+        g = 2 * y if last else link.send_forward_recv_backward(y)
+        assert torch.equal(g, torch.full((3, 5), 2.0 * (mb + n))), (mb, g)
+        if not first:
+            link.send_backward(g)
+        del x, g
+    link.wait_sends()
+    if not first:  # receive buffers come back once the caller lets go of them
+        assert len(ptrs) < 4, ptrs
+
+    # a later tensor of another shape: a clear error on the sender, a timeout on its peer
+    if rank == 0:
+        with pytest.raises(ValueError, match=r"stage 0: send_forward to stage 1\): tensor float32\[3, 6\] does not "
+                                             r"match the static shape agreed on first use, float32\[3, 5\]"):
+            link.send_forward(torch.zeros(3, 6))
+    elif rank == 1:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"stage 1: recv_forward from stage 0: .* timed out after 0.5 s"):
+            link.recv_forward(timeout=SHORT)
+        assert time.monotonic() - start < SHORT + SLACK
+
+
+def _check_bad_input(comm, rank, n):
+    from tandem.comm import StageLink
+
+    with pytest.raises(ValueError, match='shapes must be "static" or "dynamic"'):
+        StageLink(comm, None, None, shapes="fixed")
+    with pytest.raises(ValueError, match="prev_rank=.* must be another rank of the group"):
+        StageLink(comm, rank, None)
+    with pytest.raises(ValueError, match="next_rank=.* must be another rank of the group"):
+        StageLink(comm, None, n)
+    with pytest.raises(TypeError, match="must be a tandem.comm.Communicator"):
+        StageLink(comm._impl, None, None)
+    lone = StageLink(comm, None, None, shapes="dynamic")  # first and last stage at once
+    with pytest.raises(ValueError, match=r"send_forward: this is the last stage \(next_rank is None\)"):
+        lone.send_forward(torch.zeros(2))
+    with pytest.raises(ValueError, match=r"recv_forward: this is the first stage \(prev_rank is None\)"):
+        lone.recv_forward()
+    with pytest.raises(ValueError, match=r"recv_backward: this is the last stage"):
+        lone.send_forward_recv_backward(torch.zeros(2))
+    with pytest.raises(ValueError, match=r"send_backward: this is the first stage"):
+        lone.send_backward(torch.zeros(2))
+
+
+def _world4(rank, n):
+    from tandem.comm import Communicator
+
+    comm = Communicator(dist.group.WORLD, "cpu", timeout=30.0)
+    _check_bad_input(comm, rank, n)
+    _check_dynamic_ring(comm, rank, n)
+    _check_static_pipeline(comm, rank, n)
+    dist.barrier()  # the group outlived the timed-out recv
+    return rank
+
+
+def test_stage_link_ring_pipeline_and_errors():
+    assert run_ranks(4, _world4, timeout=90) == [0, 1, 2, 3]
+
+
+def _world2(rank, n):
+    """pp=2: next and prev are the same rank and both directions are in flight at once."""
+    from tandem.comm import Communicator, StageLink
+
+    comm = Communicator(dist.group.WORLD, "cpu", timeout=30.0)
+    for shapes in ("static", "dynamic"):
+        link = StageLink(comm, None if rank == 0 else 0, 1 if rank == 0 else None, shapes=shapes, timeout=30.0)
+        big = (256, 1024)  # 1 MiB of float32: beyond any eager buffering
+        mbs = 5
+        if rank == 0:
+            # warm-up: two forwards in flight before any backward arrives
+            link.send_forward(torch.full(big, 0.0))
+            link.send_forward(torch.full(big, 1.0))
+            for mb in range(mbs):
+                nxt = mb + 2
+                g = link.send_forward_recv_backward(torch.full(big, float(nxt))) if nxt < mbs else link.recv_backward()
+                assert torch.equal(g, torch.full(big, -float(mb))), mb
+        else:
+            for mb in range(mbs):
+                x = link.recv_forward()
+                assert torch.equal(x, torch.full(big, float(mb))), mb
+                link.send_backward(-x)  # in flight while the next forward is still coming
+        link.wait_sends()
+
+    # a recv whose peer never sends: error naming stage, peer and operation, within the timeout
+    quiet = StageLink(comm, None if rank == 0 else 0, 1 if rank == 0 else None, shapes="dynamic", timeout=SHORT)
+    if rank == 1:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError) as info:
+            quiet.recv_forward()
+        assert time.monotonic() - start < SHORT + SLACK
+        assert isinstance(info.value, RuntimeError)
+        assert "stage 1: recv_forward from stage 0" in str(info.value) and "timed out" in str(info.value)
+    dist.barrier()
+    return rank
+
+
+def test_stage_link_pp2_bidirectional_and_timeout():
+    assert run_ranks(2, _world2, timeout=90) == [0, 1]
+
+
+# --- a peer that dies mid-exchange -------------------------------------------------------
+
+DEAD_TIMEOUT = 5.0
+
+
+def _dying_pipeline(rank, n, init_file, results):
+    """Stages 0 -> 1 -> 2; stage 1 dies after one good round. The others must raise in time."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=n)
+    from tandem.comm import Communicator, StageLink
+
+    link = StageLink(Communicator(None, "cpu"), rank - 1 if rank > 0 else None, rank + 1 if rank < n - 1 else None,
+                     shapes="dynamic", timeout=DEAD_TIMEOUT)
+    x = torch.ones(4) if rank == 0 else link.recv_forward()  # one good round
+    if rank < n - 1:
+        link.send_forward(x + 1)
+    g = x if rank == n - 1 else link.recv_backward()
+    if rank > 0:
+        link.send_backward(g)
+    link.wait_sends()
+    if rank == 1:
+        link.recv_forward()
+        os._exit(1)  # dies holding the microbatch: stage 0 waits for a gradient, stage 2 for an activation
+    start = time.monotonic()
+    try:
+        link.send_forward_recv_backward(x) if rank == 0 else link.recv_forward()
+        results.put((rank, "no error", "", 0.0))
+    except Exception as e:  # noqa: BLE001  (the type is what the test checks)
+        results.put((rank, type(e).__name__, str(e), time.monotonic() - start))
+    results.close()
+    results.join_thread()  # flush the result before this process ends
+    dist.destroy_process_group()
+
+
+def test_stage_link_dead_peer_makes_survivors_raise():
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init = os.path.join(tmp, "rendezvous")
+        procs = [ctx.Process(target=_dying_pipeline, args=(r, 3, init, results), daemon=True) for r in range(3)]
+        for p in procs:
+            p.start()
+        got = {}
+        deadline = time.monotonic() + 60
+        while len(got) < 2 and time.monotonic() < deadline:
+            try:
+                rank, kind, msg, took = results.get(timeout=1.0)
+                got[rank] = (kind, msg, took)
+            except queue_mod.Empty:
+                pass
+        for p in procs:
+            p.join(timeout=DEAD_TIMEOUT + SLACK)
+            if p.is_alive():
+                p.kill()
+    assert set(got) == {0, 2}, got
+    for rank, (kind, msg, took) in got.items():
+        assert kind in ("CommError", "CommTimeoutError"), (rank, kind, msg)
+        assert took < DEAD_TIMEOUT + SLACK, (rank, took)
+        assert f"stage {rank}: recv_" in msg and "stage 1" in msg, msg
+    assert procs[1].exitcode == 1
+    assert procs[0].exitcode == 0 and procs[2].exitcode == 0, [p.exitcode for p in procs]
