@@ -1,0 +1,161 @@
+"""The NCCL backend on one GPU (skipped without CUDA): world size 1 collectives, send/recv
+to self inside a group, the comm stream ordered without host synchronisation, the overlap
+ops in bf16 against a float64 reference, abort. Two-GPU cases are marked multigpu.
+"""
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distributed import run_ranks
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(scope="module")
+def group():
+    """A world of one rank in this process (gloo carries the ncclUniqueId)."""
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    if created:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def comm(group):
+    from tandem.comm import Communicator
+
+    return Communicator(group, "cuda", timeout=60.0)
+
+
+def test_nccl_world1_collectives(comm):
+    assert comm.backend == "nccl" and (comm.rank, comm.size) == (0, 1)
+    for dtype in (torch.float32, torch.bfloat16, torch.int64):
+        t = torch.arange(12, device="cuda").to(dtype).view(3, 4)
+        want = t.clone()
+        comm.all_reduce(t).wait()  # one rank: the sum is the tensor itself
+        comm.all_reduce(t, op="max").wait()
+        out = torch.empty(3, 4, dtype=dtype, device="cuda")
+        comm.all_gather(out, t).wait()
+        rs = torch.empty(3, 4, dtype=dtype, device="cuda")
+        comm.reduce_scatter(rs, t).wait()
+        torch.cuda.synchronize()
+        assert torch.equal(t, want) and torch.equal(out, want) and torch.equal(rs, want), dtype
+
+
+def test_nccl_send_recv_to_self_inside_a_group(comm):
+    a = torch.randn(1000, device="cuda")
+    b = torch.randn(257, dtype=torch.bfloat16, device="cuda")
+    a_back, b_back = torch.empty_like(a), torch.empty_like(b)
+    works = comm.batch_p2p([("send", a, 0), ("send", b, 0), ("recv", a_back, 0), ("recv", b_back, 0)])
+    assert len(works) == 4
+    for w in works:
+        w.wait()
+    assert torch.equal(a_back, a) and torch.equal(b_back, b)
+    with pytest.raises(ValueError, match="send to this rank"):
+        comm.send(a, 0)  # alone it could never complete
+
+
+def test_host_does_not_wait_for_the_gpu(comm):
+    """wait() orders the current stream after the comm stream; the host returns at once."""
+    t = torch.ones(1 << 20, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time on the current stream, queued first
+    start = time.monotonic()
+    w = comm.all_reduce(t)  # the comm stream waits for the sleep (an event, not the host)
+    w.wait()
+    t.mul_(3)  # queued after the all-reduce on the current stream
+    host = time.monotonic() - start
+    assert not w.is_completed(), "the all-reduce finished before the GPU sleep could have"
+    assert host < 0.2, f"the host waited {host:.3f} s: a hidden synchronisation"
+    w.synchronize(timeout=30)
+    torch.cuda.synchronize()
+    assert torch.equal(t, torch.full_like(t, 3.0))
+
+
+def test_overlap_ops_bf16_against_float64(comm):
+    from tandem.comm import column_parallel_backward, row_parallel_linear
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    m, k, n = 1000, 512, 768  # 1000 tokens: not divisible by 3
+    x, w, b = (torch.randn(*s, device="cuda", generator=g, dtype=torch.bfloat16) for s in ((m, k), (n, k), (n,)))
+    ref = x.double() @ w.double().t() + b.double()
+    plain_err = (F.linear(x, w, b).double() - ref).abs().max().item()
+    for chunks in (1, 2, 3, 4):
+        out = row_parallel_linear(x, w, b, comm, chunks=chunks)
+        err = (out.double() - ref).abs().max().item()
+        assert err <= 2 * plain_err, (chunks, err, plain_err)
+
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    gy = torch.randn(m, n, device="cuda", generator=g, dtype=torch.bfloat16)
+    row_parallel_linear(xr, wr, br, comm, chunks=3).backward(gy)
+    ref_gx, ref_gw = gy.double() @ w.double(), gy.double().t() @ x.double()
+    plain_gx, plain_gw = gy @ w, gy.t() @ x
+    for got, plain, want in ((xr.grad, plain_gx, ref_gx), (wr.grad, plain_gw, ref_gw)):
+        assert (got.double() - want).abs().max() <= 2 * (plain.double() - want).abs().max()
+    torch.testing.assert_close(br.grad.double(), gy.double().sum(0), rtol=2e-2, atol=2e-1)
+
+    gx, gw, gb = column_parallel_backward(gy, x, w, comm)  # dgrad all-reduce || wgrad GEMM
+    assert (gx.double() - ref_gx).abs().max() <= 2 * (plain_gx.double() - ref_gx).abs().max()
+    assert (gw.double() - ref_gw).abs().max() <= 2 * (plain_gw.double() - ref_gw).abs().max()
+
+
+def test_fork_and_stage_link_on_one_gpu(comm):
+    from tandem.comm import Communicator, StageLink
+
+    child = Communicator(comm.group, _impl=comm._impl.fork())  # ncclCommSplit, own stream
+    t = torch.full((5,), 2.0, device="cuda")
+    child.all_reduce(t).wait()
+    torch.cuda.synchronize()
+    assert torch.equal(t, torch.full((5,), 2.0, device="cuda"))
+    link = StageLink(comm, None, None, shapes="static", timeout=10.0)  # a single stage: two forks
+    with pytest.raises(ValueError, match="this is the last stage"):
+        link.send_forward(t)
+
+
+def test_abort_makes_later_calls_raise(group):
+    from tandem.comm import CommError, Communicator
+
+    c = Communicator(group, "cuda", timeout=30.0)
+    c.abort()
+    with pytest.raises(CommError, match="rank 0 of 1: the communicator was aborted"):
+        c.all_reduce(torch.ones(2, device="cuda"))
+
+
+def _two_gpus(rank, n):
+    from tandem.comm import Communicator, StageLink, row_parallel_linear
+
+    torch.cuda.set_device(rank)
+    comm = Communicator(dist.group.WORLD, f"cuda:{rank}", timeout=60.0)
+    t = torch.full((1 << 16,), float(rank + 1), device="cuda")
+    comm.all_reduce(t).wait()
+    assert torch.equal(t, torch.full_like(t, 3.0))
+    link = StageLink(comm, None if rank == 0 else 0, 1 if rank == 0 else None, shapes="static", timeout=30.0)
+    for mb in range(3):
+        if rank == 0:
+            g = link.send_forward_recv_backward(torch.full((64, 128), float(mb), device="cuda"))
+            assert torch.equal(g, torch.full_like(g, -float(mb)))
+        else:
+            x = link.recv_forward()
+            link.send_backward(-x)
+    link.wait_sends()
+    def shard(r):  # rank r's x [37, K/tp] and w [32, K/tp]
+        gen = torch.Generator(device="cuda").manual_seed(r)
+        return torch.randn(37, 64, device="cuda", generator=gen), torch.randn(32, 64, device="cuda", generator=gen)
+
+    x, w = shard(rank)
+    got = row_parallel_linear(x, w, None, comm, chunks=3)
+    want = sum(a.double() @ b.double().t() for a, b in map(shard, range(n)))
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3)
+    return got.cpu()
+
+
+@pytest.mark.multigpu
+def test_nccl_two_gpus_collectives_stage_link_overlap():
+    a, b = run_ranks(2, _two_gpus, timeout=120)
+    torch.testing.assert_close(a, b)  # the all-reduced output is the same on both ranks
