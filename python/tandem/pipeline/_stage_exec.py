@@ -30,7 +30,7 @@ class StageExec:
 
     def _reset(self):
         self.inputs, self.outputs, self.losses = {}, {}, {}
-        self.grad_out, self.grad_in, self.pending_w = {}, {}, {}
+        self.grad_out, self.grad_in, self.pending_w, self.ready = {}, {}, {}, {}
         self.chunks_in = self.chunks_tg = None
         self.loss_total = None
 
@@ -51,7 +51,17 @@ class StageExec:
         """The StageExec of ``stage`` when it lives on this rank, else None."""
         return self.runner.stages.get(stage)
 
+    def fetch(self, a: Action) -> None:
+        """Wait for the data that the compute action ``a`` needs (kept apart from the
+        compute, so that the timeline shows waiting as idle time)."""
+        if a.kind is K.F and self.stage > 0:
+            self.ready[K.F, a.microbatch] = self._input(a.microbatch)
+        elif a.kind is K.B and not self.last:
+            self.ready[K.B, a.microbatch] = self._output_grad(a.microbatch)
+
     def _input(self, mb: int):
+        if (K.F, mb) in self.ready:
+            return self.ready.pop((K.F, mb))
         if self.stage == 0:
             return self.chunks_in[mb]
         prev = self._neighbour(self.stage - 1)
@@ -60,6 +70,8 @@ class StageExec:
         return self.runner.p2p.take((K.RECV_F, self.stage, mb))
 
     def _output_grad(self, mb: int):
+        if (K.B, mb) in self.ready:
+            return self.ready.pop((K.B, mb))
         if self.last:
             return None
         nxt = self._neighbour(self.stage + 1)

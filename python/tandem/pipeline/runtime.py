@@ -195,8 +195,10 @@ class PipelineRunner:
 
     def _execute(self, a: Action) -> None:
         ex = self.stages[a.stage]
-        t0 = self._clock()
         try:
+            if a.kind in (K.F, K.B):
+                ex.fetch(a)  # waiting for data is idle time, not compute
+            t0 = self._clock()
             if a.kind is K.F:
                 ex.forward(a.microbatch)
             elif a.kind is K.B:

@@ -1,0 +1,192 @@
+"""Pipeline step time and bubble: tandem's PipelineRunner against the simulator's
+prediction and torch.distributed.pipelining, on the same GPT split, in the same run.
+
+    torchrun --standalone --nproc-per-node 2 benchmarks/bench_pipeline.py [--microbatches 2 4 8] [--json out.json]
+
+For each schedule and number of microbatches m, one row: tandem's median step time, the
+bubble of its measured timeline (all ranks, last timed step), the simulator's makespan and
+bubble for costs measured from that timeline (mean F, B, W per stage; messages cost 0),
+the runtime overhead per action (step time minus the simulated makespan, over the actions
+of a rank: what scheduling, messages and bookkeeping add), and torch.distributed.pipelining's median step time for the
+matching schedule (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B; none for ZB-H1).
+Runs on CPU with gloo (and on GPUs with NCCL when launched on them). Every rank runs the
+whole table; rank 0 prints it.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from tandem.models import GPT, GPTConfig  # noqa: E402
+from tandem.nn import vocab_parallel_cross_entropy  # noqa: E402
+from tandem.pipeline import (Costs, GPipe, Interleaved1F1B, OneFOneB, PipelineRunner,  # noqa: E402
+                             ZeroBubbleH1, bubble_fraction, simulate, split)
+from tandem.pipeline.ir import ActionKind  # noqa: E402
+
+SCHEDULES = {"gpipe": (GPipe, 1), "1f1b": (OneFOneB, 1), "interleaved": (Interleaved1F1B, 2),
+             "zb-h1": (ZeroBubbleH1, 1)}
+
+
+def _config(args) -> GPTConfig:
+    return GPTConfig(vocab_size=args.vocab, max_seq_len=args.seq, num_layers=args.layers,
+                     hidden_size=args.hidden, num_heads=args.heads)
+
+
+def _stages(args, mesh, num_stages, stage_ids):
+    torch.manual_seed(args.seed)
+    model = GPT(_config(args), mesh=mesh, device=mesh.device)
+    return [split(model.layers(), num_stages, balance="uniform", stage=s) for s in stage_ids]
+
+
+def _schedule(name, p, m):
+    cls, v = SCHEDULES[name]
+    return cls(p, m, virtual_stages=v) if v > 1 else cls(p, m)
+
+
+def _time_steps(step, args, device) -> float:
+    dist.barrier()
+    timing = common.benchmark(step, device=device, warmup=args.warmup, iters=args.iters)
+    t = torch.tensor([timing.median_ms])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's median
+    return float(t)
+
+
+def _costs(timeline, split_backward):
+    """Mean measured F, B, W seconds per stage, as simulator costs."""
+    per = {}
+    for rec in timeline:
+        if rec.kind.is_compute:
+            per.setdefault((rec.stage, rec.kind), []).append(rec.end_s - rec.start_s)
+    costs = {}
+    for stage in sorted({s for s, _ in per}):
+        f = statistics.mean(per[stage, ActionKind.F])
+        b = statistics.mean(per[stage, ActionKind.B])
+        if split_backward:
+            w = statistics.mean(per[stage, ActionKind.W])
+            costs[stage] = Costs(F=f, B=b, W=w)
+        else:
+            costs[stage] = Costs(F=f, B=b / 2, W=b / 2)  # a full backward costs B + W
+    return costs
+
+
+def run_tandem(args, mesh, name, m, data):
+    p = mesh.pp
+    sched = _schedule(name, p, m)
+    stages = _stages(args, mesh, sched.num_stages, sched.layout.stages_of(mesh.pp_rank))
+    runner = PipelineRunner(stages if len(stages) > 1 else stages[0], mesh=mesh, schedule=sched,
+                            loss_fn=lambda y, t: vocab_parallel_cross_entropy(y, t, mesh=mesh),
+                            num_microbatches=m)
+    ids, targets = data
+    first, last = 0 in runner.stages, sched.num_stages - 1 in runner.stages
+    step = lambda: runner.step(ids if first else None, targets if last else None)  # noqa: E731
+    ms = _time_steps(step, args, mesh.device)
+    timeline = runner.resolve_timeline()
+    timelines = [None] * p
+    dist.all_gather_object(timelines, timeline, group=mesh.pp_group)
+    merged = [rec for tl in timelines for rec in tl]
+    measured_bubble = bubble_fraction(merged, p)
+    sim = simulate(sched, _costs(merged, sched.split_backward))
+    actions = max(len(tl) for tl in timelines)
+    overhead_us = max(ms / 1e3 - sim.makespan, 0.0) / actions * 1e6
+    return {"tandem_ms": ms, "bubble": measured_bubble, "sim_ms": sim.makespan * 1e3,
+            "sim_bubble": sim.bubble_fraction, "overhead_us": overhead_us}
+
+
+def run_torch(args, mesh, name, m, data):
+    from torch.distributed import pipelining as tp
+
+    classes = {"gpipe": tp.ScheduleGPipe, "1f1b": tp.Schedule1F1B,
+               "interleaved": tp.ScheduleInterleaved1F1B}
+    if name not in classes:
+        return None
+    p = mesh.pp
+    sched = _schedule(name, p, m)
+    mods = _stages(args, mesh, sched.num_stages, sched.layout.stages_of(mesh.pp_rank))
+    stages = [tp.PipelineStage(mod, mod.stage, sched.num_stages, mesh.device, group=mesh.pp_group)
+              for mod in mods]
+
+    def loss_fn(y, t):
+        return torch.nn.functional.cross_entropy(y.flatten(0, 1), t.flatten())
+
+    if name == "interleaved":
+        schedule = classes[name](stages, n_microbatches=m, loss_fn=loss_fn)
+    else:
+        schedule = classes[name](stages[0], n_microbatches=m, loss_fn=loss_fn)
+    ids, targets = data
+    first, last = mesh.pp_rank == 0, mesh.pp_rank == p - 1
+
+    def step():
+        if first and last:
+            schedule.step(ids, target=targets, losses=[])
+        elif first:
+            schedule.step(ids)
+        elif last:
+            schedule.step(target=targets, losses=[])
+        else:
+            schedule.step()
+
+    return _time_steps(step, args, mesh.device)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_args(parser, warmup=2, iters=5)
+    parser.add_argument("--microbatches", type=int, nargs="+", default=[2, 4, 8], help="values of m")
+    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=4, help="transformer blocks")
+    parser.add_argument("--vocab", type=int, default=512)
+    args = parser.parse_args()
+
+    import tandem
+
+    mesh = tandem.init_mesh(pp=int(os.environ.get("WORLD_SIZE", 1)), backend=None)
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // mesh.world_size))
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(mesh.device)
+    data = (ids, torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(mesh.device))
+    env = common.environment(mesh.device, dtype=torch.float32, warmup=args.warmup, iters=args.iters,
+                             world_size=mesh.world_size, backend=dist.get_backend(), pp=mesh.pp,
+                             model=f"GPT L={args.layers} h={args.hidden} V={args.vocab}",
+                             batch=f"{args.batch}x{args.seq}")
+    table = common.Table([common.Column("schedule", width=12), common.Column("m", width=3),
+                          common.Column("tandem", "ms", 9, ".2f"), common.Column("bubble", "", 7, ".3f"),
+                          common.Column("sim", "ms", 9, ".2f"), common.Column("sim_bub", "", 7, ".3f"),
+                          common.Column("ovh/act", "us", 8, ".0f"),
+                          common.Column("torch", "ms", 9, ".2f"), common.Column("vs_torch", "x", 8, ".2f")])
+    if mesh.rank == 0:
+        common.print_header("bench_pipeline: PipelineRunner vs simulator vs torch.distributed.pipelining", env)
+        print(table.header(), flush=True)
+    results = []
+    for name in args.schedules:
+        for m in args.microbatches:
+            if m < mesh.pp or (SCHEDULES[name][1] > 1 and m % mesh.pp):
+                continue
+            if args.batch % m:
+                continue
+            row = run_tandem(args, mesh, name, m, data)
+            torch_ms = run_torch(args, mesh, name, m, data)
+            row.update(schedule=name, m=m, torch_ms=torch_ms,
+                       speedup=(torch_ms / row["tandem_ms"]) if torch_ms else None)
+            results.append(row)
+            if mesh.rank == 0:
+                print(table.row([name, m, row["tandem_ms"], row["bubble"], row["sim_ms"],
+                                 row["sim_bubble"], row["overhead_us"], torch_ms, row["speedup"]]),
+                      flush=True)
+    if mesh.rank == 0 and args.json:
+        common.write_json(args.json, benchmark_name="bench_pipeline", env=env, results=results)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
