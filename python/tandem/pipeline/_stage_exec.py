@@ -30,7 +30,7 @@ class StageExec:
 
     def _reset(self):
         self.inputs, self.outputs, self.losses = {}, {}, {}
-        self.grad_out, self.grad_in, self.pending_w, self.ready = {}, {}, {}, {}
+        self.grad_in, self.pending_w, self.ready = {}, {}, {}
         self.chunks_in = self.chunks_tg = None
         self.loss_total = None
 

@@ -73,7 +73,7 @@ class _Stage:
                              "build the model with sequence_parallel=False for inference")
         # caches[i][j]: group i, j-th block of this stage; never leave this rank
         self.caches = [[b.attn.new_cache(n, max_len) for b in blocks] for n in groups]
-        first = next(l for l in self.layers)
+        first = self.layers[0]
         self.hidden = (first.config.hidden_size if hasattr(first, "config")
                        else first.attn.hidden_size)
         self.dtype = next(module.parameters()).dtype
