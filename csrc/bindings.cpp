@@ -16,13 +16,15 @@ TORCH_LIBRARY(tandem, m) {
       "linear_bias_gelu_backward_input(Tensor grad_output, Tensor pre_activation, Tensor weight, "
       "str approximate=\"tanh\") -> (Tensor grad_input, Tensor grad_pre_activation, Tensor grad_bias)");
   m.def("linear_bias_gelu_backward_weight(Tensor grad_pre_activation, Tensor input) -> Tensor grad_weight");
+  m.def("_gelu_formula(Tensor x, str approximate, bool derivative) -> Tensor");  // tests only
 }
 
 #define TANDEM_REGISTER_LINEAR_GELU(m)                                                        \
   m.impl("linear_bias_gelu", &tandem::ops::linear_bias_gelu);                                 \
   m.impl("linear_bias_gelu_fwd", &tandem::ops::linear_bias_gelu_fwd);                         \
   m.impl("linear_bias_gelu_backward_input", &tandem::ops::linear_bias_gelu_backward_input);   \
-  m.impl("linear_bias_gelu_backward_weight", &tandem::ops::linear_bias_gelu_backward_weight);
+  m.impl("linear_bias_gelu_backward_weight", &tandem::ops::linear_bias_gelu_backward_weight); \
+  m.impl("_gelu_formula", &tandem::ops::gelu_formula);
 
 TORCH_LIBRARY_IMPL(tandem, CPU, m) { TANDEM_REGISTER_LINEAR_GELU(m) }
 #ifdef TANDEM_WITH_CUDA

@@ -211,3 +211,21 @@ def test_build_info():
     if torch.version.cuda is not None and info["cuda"]:
         assert info["cuda_archs"] and info["nccl_version"].count(".") == 2
         assert info["cuda_version"].startswith(torch.version.cuda.split(".")[0] + ".")
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_shared_gelu_formulas_match_torch(approximate, dtype):
+    """The formulas the CUDA kernels run (gelu_math.h), compiled for CPU, against torch."""
+    x = torch.linspace(-8, 8, 4001, dtype=torch.float64)
+    want = F.gelu(x, approximate=approximate)
+    xg = x.clone().requires_grad_()
+    F.gelu(xg, approximate=approximate).sum().backward()
+    got = torch.ops.tandem._gelu_formula(x.to(dtype), approximate, False)
+    dgot = torch.ops.tandem._gelu_formula(x.to(dtype), approximate, True)
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(got.double(), F.gelu(x.to(dtype).double(), approximate=approximate), rtol=tol, atol=tol)
+    xd = x.to(dtype).double().requires_grad_()
+    F.gelu(xd, approximate=approximate).sum().backward()
+    torch.testing.assert_close(dgot.double(), xd.grad, rtol=tol, atol=tol)
+    assert want.shape == got.shape and xg.grad.shape == dgot.shape

@@ -14,6 +14,7 @@
 #define TANDEM_HD __host__ __device__
 #else
 #define TANDEM_HD
+#include <ATen/cpu/vec/vec.h>  // the CPU kernels run the same formulas on SIMD vectors
 #endif
 
 namespace tandem {
@@ -35,6 +36,14 @@ TANDEM_HD inline float erf_(float x) { return erff(x); }
 TANDEM_HD inline double erf_(double x) { return erf(x); }
 TANDEM_HD inline float exp_(float x) { return expf(x); }
 TANDEM_HD inline double exp_(double x) { return exp(x); }
+#if !defined(__CUDACC__)
+template <typename S>
+inline at::vec::Vectorized<S> tanh_(const at::vec::Vectorized<S>& x) { return x.tanh(); }
+template <typename S>
+inline at::vec::Vectorized<S> erf_(const at::vec::Vectorized<S>& x) { return x.erf(); }
+template <typename S>
+inline at::vec::Vectorized<S> exp_(const at::vec::Vectorized<S>& x) { return x.exp(); }
+#endif
 
 template <typename T>
 TANDEM_HD inline T forward(T x, Gelu kind) {

@@ -60,6 +60,9 @@ std::tuple<Tensor, Tensor, Tensor> linear_bias_gelu_backward_input(const Tensor&
                                                                    c10::string_view approximate);
 Tensor linear_bias_gelu_backward_weight(const Tensor& grad_pre_activation, const Tensor& input);
 
+// The shared GeLU formulas (gelu_math.h) as an op, for tests: gelu(x), or gelu'(x).
+Tensor gelu_formula(const Tensor& x, c10::string_view approximate, bool derivative);
+
 // Autograd kernel of linear_bias_gelu (linear_gelu_autograd.cpp).
 Tensor linear_bias_gelu_autograd(const Tensor& input, const Tensor& weight,
                                  const std::optional<Tensor>& bias, c10::string_view approximate);

@@ -6,6 +6,10 @@
 #include <c10/cuda/CUDAException.h>
 #include <cublasLt.h>
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "ops/linear_gelu.h"
 
 namespace tandem::ops {
@@ -70,6 +74,18 @@ cudaDataType_t cuda_type(at::ScalarType t) {
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 constexpr size_t kWorkspaceBytes = 32 << 20;  // what cuBLASLt asks for on Hopper
+
+// The algorithm the heuristic picks depends only on the problem (device, sizes, dtype,
+// epilogue; operands are always 16-byte aligned here): ask once per problem.
+using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int, int>;
+struct AlgoCache {
+  std::mutex mu;
+  std::map<AlgoKey, std::optional<cublasLtMatmulAlgo_t>> algos;  // nullopt: cuBLASLt has none
+};
+AlgoCache& algo_cache() {
+  static AlgoCache cache;
+  return cache;
+}
 
 }  // namespace
 
@@ -137,22 +153,35 @@ bool linear_gelu_cublaslt(const Tensor& x, const Tensor& weight, const std::opti
   TANDEM_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&desc.b, dt, K, M, K));
   TANDEM_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&desc.d, dt, N, M, N));
 
-  auto workspace = at::empty({static_cast<int64_t>(kWorkspaceBytes)}, x.options().dtype(at::kByte));
   const size_t ws_bytes = kWorkspaceBytes;
   TANDEM_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&desc.pref));
   TANDEM_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof(ws_bytes)));
 
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  cublasLtMatmulHeuristicResult_t heuristic = {};
-  int found = 0;
-  const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(handle, desc.op, desc.a, desc.b, desc.d, desc.d,
-                                                           desc.pref, 1, &heuristic, &found);
-  if (hs != CUBLAS_STATUS_SUCCESS || found == 0) return false;  // not supported: general path
+  const AlgoKey key{x.get_device(), M, N, K, static_cast<int>(x.scalar_type()), static_cast<int>(epilogue)};
+  std::optional<cublasLtMatmulAlgo_t> algo;
+  {
+    AlgoCache& cache = algo_cache();
+    std::lock_guard<std::mutex> lock(cache.mu);
+    auto it = cache.algos.find(key);
+    if (it == cache.algos.end()) {
+      cublasLtMatmulHeuristicResult_t heuristic = {};
+      int found = 0;
+      const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(handle, desc.op, desc.a, desc.b, desc.d, desc.d,
+                                                               desc.pref, 1, &heuristic, &found);
+      if (hs == CUBLAS_STATUS_SUCCESS && found > 0) algo = heuristic.algo;
+      it = cache.algos.emplace(key, algo).first;
+    }
+    algo = it->second;
+  }
+  if (!algo) return false;  // cuBLASLt has no kernel for this problem: general path
 
+  // from the caching allocator, stream-ordered: reused, not cudaMalloc'ed, after the first call
+  auto workspace = at::empty({static_cast<int64_t>(kWorkspaceBytes)}, x.options().dtype(at::kByte));
   const float alpha = 1.0f, beta = 0.0f;
   TANDEM_CUBLASLT_CHECK(cublasLtMatmul(handle, desc.op, &alpha, weight.const_data_ptr(), desc.a, x.const_data_ptr(),
                                        desc.b, &beta, out.data_ptr(), desc.d, out.data_ptr(), desc.d,
-                                       &heuristic.algo, workspace.data_ptr(), ws_bytes,
+                                       &*algo, workspace.data_ptr(), ws_bytes,
                                        at::cuda::getCurrentCUDAStream()));
   return true;
 }
