@@ -41,15 +41,19 @@ def _placements(module: nn.Module) -> dict:
     return out
 
 
-def _state_dict(model: nn.Module) -> dict:
-    """The model's parameters, sharded ones wrapped as DTensors with their global shape."""
+def _state_dict(model: nn.Module, params=None) -> dict:
+    """The model's parameters (only those in ``params`` when given), sharded ones wrapped as
+    DTensors with their global shape."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import DTensor, Shard
 
     sharded = _placements(model)
     meshes = {}
     sd = {}
+    keep = None if params is None else {id(p) for p in params}
     for name, p in model.named_parameters():
+        if keep is not None and id(p) not in keep:
+            continue
         if name not in sharded:
             sd[name] = p.data
             continue
@@ -73,10 +77,12 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def save(model: nn.Module, path: str, *, extra: Optional[dict] = None) -> None:
+def save(model: nn.Module, path: str, *, params=None, extra: Optional[dict] = None) -> None:
     """Write ``model`` to the directory ``path``; collective over every rank.
 
-    ``extra`` (JSON-serialisable) is stored beside the weights, e.g. the model config.
+    ``params``: the parameters this rank owns (e.g. its pipeline stage's), written under
+    their names in ``model``; default all. ``extra`` (JSON-serialisable) is stored beside
+    the weights, e.g. the model config.
     """
     path = os.path.abspath(path)
     partial = path + ".partial"
@@ -84,7 +90,7 @@ def save(model: nn.Module, path: str, *, extra: Optional[dict] = None) -> None:
         shutil.rmtree(partial, ignore_errors=True)  # the leftovers of an interrupted save
         os.makedirs(partial)
     _barrier()
-    dcp.save(_state_dict(model), storage_writer=dcp.FileSystemWriter(partial))
+    dcp.save(_state_dict(model, params), storage_writer=dcp.FileSystemWriter(partial))
     _barrier()
     if _rank0():
         with open(os.path.join(partial, _META), "w") as f:

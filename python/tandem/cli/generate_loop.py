@@ -11,26 +11,24 @@ def generate(args, cfg, prompt: list) -> int:
     from tandem.models import GPT
 
     mesh = tandem.init_mesh(tp=args.tp, pp=args.pp, dp=1, timeout=args.timeout)
-    rank0 = mesh.rank == 0
     model = GPT(cfg, mesh=mesh)
     checkpoint.load(model, args.checkpoint)
     model.eval()
     ids = torch.tensor([prompt], device=mesh.device)
-    gen = torch.Generator().manual_seed(args.seed)
-    if rank0:
+    from tandem.pipeline import generate as pipelined, split
+
+    # the last stage's first TP rank has the tokens first: it streams them
+    printer = mesh.pp_rank == mesh.pp - 1 and mesh.tp_rank == 0
+    if printer:
         print(" ".join(map(str, prompt)), end="", flush=True)
 
-    def stream(token):
-        if rank0:
-            print(f" {token[0].item()}", end="", flush=True)
+    def stream(rows, tokens):
+        if printer:
+            print(f" {tokens[0].item()}", end="", flush=True)
 
-    if mesh.pp == 1:
-        model.generate(ids, args.max_new_tokens, temperature=args.temperature, generator=gen, on_token=stream)
-    else:
-        from tandem.pipeline import generate as pipelined
-
-        pipelined(model, ids, args.max_new_tokens, mesh=mesh, temperature=args.temperature, generator=gen,
-                  on_token=stream)
-    if rank0:
+    stage = split(model.layers(), mesh.pp, balance="params", mesh=mesh)
+    pipelined(stage, ids, args.max_new_tokens, mesh=mesh, temperature=args.temperature, seed=args.seed,
+              timeout=args.timeout, on_token=stream)
+    if printer:
         print(flush=True)
     return 0

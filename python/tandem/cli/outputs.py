@@ -10,7 +10,7 @@ from tandem.cli import data
 
 def _gather_timeline(mesh, timeline) -> list:
     """Every pipeline rank's records (of tp rank 0, dp replica 0), on every rank."""
-    from tandem.pipeline import TimelineRecord
+    from tandem.pipeline import ActionKind, TimelineRecord
 
     mine = []
     if mesh.tp_rank == 0 and mesh.dp_rank == 0:
@@ -19,7 +19,7 @@ def _gather_timeline(mesh, timeline) -> list:
                 mine.append(tuple(r))
             else:  # (kind, start, end) of an unpipelined step
                 kind, start, end = r
-                mine.append((mesh.pp_rank, 0, kind, 0, start, end))
+                mine.append((mesh.pp_rank, 0, ActionKind[kind], 0, start, end))
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     rows = [TimelineRecord(*r) for part in everyone for r in part]
@@ -27,13 +27,13 @@ def _gather_timeline(mesh, timeline) -> list:
     return [r._replace(start_s=r.start_s - t0, end_s=r.end_s - t0) for r in rows]
 
 
-def _last_steps(rows: list, microbatch_windows: int = 2) -> list:
-    """The records of the last few steps (a picture of all steps is unreadable)."""
+def _last_step(rows: list) -> list:
+    """The records of the last step (a picture of all steps is unreadable)."""
     if not rows:
         return rows
     span = max(r.end_s for r in rows)
     firsts = sorted({r.start_s for r in rows if r.stage == 0 and r.microbatch == 0 and str(r.kind).endswith("F")})
-    begin = firsts[-microbatch_windows] if len(firsts) >= microbatch_windows else 0.0
+    begin = firsts[-1] if firsts else 0.0
     return [r._replace(start_s=r.start_s - begin, end_s=r.end_s - begin) for r in rows if r.start_s >= begin
             and r.end_s <= span]
 
@@ -84,9 +84,9 @@ def write_outputs(args, cfg, mesh, history, timeline, elapsed, tokens_per_step, 
         json.dump(metrics, f, indent=1)
     with open(os.path.join(out, "timeline.json"), "w") as f:
         json.dump(chrome_trace(rows), f)
-    render(_last_steps(rows), os.path.join(out, "schedule.png"),
+    render(_last_step(rows), os.path.join(out, "schedule.png"),
            title=f"measured: tp={mesh.tp} pp={mesh.pp} dp={mesh.dp}"
-           + (f" {args.schedule}, m={args.microbatches}" if mesh.pp > 1 else "") + " (last 2 steps)")
+           + (f" {args.schedule}, m={args.microbatches}" if mesh.pp > 1 else "") + " (last step)")
     _plot_loss(history, chance, floor, os.path.join(out, "loss.png"))
     print(f"loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f} (chance {chance:.3f}, best possible "
           f"{floor:.3f}) in {len(history)} steps, {elapsed:.1f} s, {metrics['tokens_per_s']:,.0f} tokens/s")

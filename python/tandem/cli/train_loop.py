@@ -11,28 +11,36 @@ from tandem.cli import common, data
 
 
 def _build(args, cfg, mesh):
-    """(trainable modules of this rank, step function(inputs, targets) -> loss, timeline source)."""
+    """(full model, this rank's trainable modules, step(inputs, targets) -> global loss with
+    gradients averaged over dp, timeline() -> records)."""
+    from tandem.dp import all_reduce_grads
     from tandem.models import GPT
 
     torch.manual_seed(args.seed)  # identical full weights on every rank, as the reference
     model = GPT(cfg, mesh=mesh)
-    if mesh.pp == 1:
-        records = []
+    if mesh.pp > 1:
+        from tandem.cli.train_pipeline import build_pipeline
 
-        def step(inputs, targets):
-            t0 = time.perf_counter()
-            loss = model(inputs, targets)
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
-            records.append(("F", t0, t1))
-            records.append(("B", t1, t2))
-            return loss.detach()
+        stages, step, runner = build_pipeline(args, cfg, mesh, model)
+        return model, stages, step, runner.resolve_timeline
+    records = []
 
-        return model, step, records
-    from tandem.cli.train_pipeline import build_pipeline
+    def step(inputs, targets):
+        t0 = time.perf_counter()
+        loss = model(inputs, targets)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        records.append(("F", t0, t1))
+        records.append(("B", t1, t2))
+        all_reduce_grads(model.parameters(), mesh)  # average over dp
+        loss = loss.detach().float()
+        if mesh.dp > 1:  # the global batch's loss: the mean over replicas
+            mesh.dp_comm.all_reduce(loss).wait()
+            loss /= mesh.dp
+        return loss
 
-    return build_pipeline(args, cfg, mesh, model)
+    return model, model, step, lambda: records
 
 
 def _reference_losses(args, cfg, dp: int) -> list:
@@ -59,13 +67,12 @@ def _reference_losses(args, cfg, dp: int) -> list:
 
 def train(args, cfg, tp: int, pp: int, dp: int) -> int:
     import tandem
-    from tandem.dp import all_reduce_grads
 
     mesh = tandem.init_mesh(tp=tp, pp=pp, dp=dp, timeout=args.timeout)
     rank0 = mesh.rank == 0
     if rank0:
         print(mesh.describe(), flush=True)
-    module, step_fn, timeline = _build(args, cfg, mesh)
+    model, module, step_fn, timeline = _build(args, cfg, mesh)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
     tokens_per_step = args.batch_size * cfg.max_seq_len * dp
@@ -81,14 +88,8 @@ def train(args, cfg, tp: int, pp: int, dp: int) -> int:
         inputs, targets = data.batch(step, args.batch_size, cfg.max_seq_len, cfg.vocab_size, seed=args.seed,
                                      shard=mesh.dp_rank)
         loss = step_fn(inputs.to(mesh.device), targets.to(mesh.device))
-        all_reduce_grads(params, mesh)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = loss.float()
-        if dp > 1:  # the global batch's loss: average over replicas
-            loss = loss.clone()
-            mesh.dp_comm.all_reduce(loss).wait()
-            loss /= dp
         dt = time.perf_counter() - t0
         history.append({"step": step, "loss": loss.item(), "step_time_s": dt, "tokens_per_s": tokens_per_step / dt})
         if bar is not None:
@@ -100,10 +101,11 @@ def train(args, cfg, tp: int, pp: int, dp: int) -> int:
     os.makedirs(args.out, exist_ok=True)
     from tandem import checkpoint
 
-    checkpoint.save(module, os.path.join(args.out, "checkpoint"),
+    # the full model's names; each rank writes the parameters its stage trains
+    checkpoint.save(model, os.path.join(args.out, "checkpoint"), params=params,
                     extra={"config": cfg.__dict__, "tp": tp, "pp": pp, "dp": dp})
     from tandem.cli.outputs import write_outputs
 
-    write_outputs(args, cfg, mesh, history, timeline, elapsed, tokens_per_step,
+    write_outputs(args, cfg, mesh, history, timeline(), elapsed, tokens_per_step,
                   _reference_losses(args, cfg, dp) if (args.check and rank0) else None)
     return 0

@@ -19,7 +19,7 @@ or number of groups, and each shard only needs its own columns.
 from __future__ import annotations
 
 import itertools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -94,14 +94,15 @@ class _Stage:
 @torch.no_grad()
 def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, mesh=None,
              num_microbatches: Optional[int] = None, temperature: float = 0.0, seed: int = 0,
-             timeout: float = 300.0) -> Tensor:
+             timeout: float = 300.0, on_token: Optional[Callable] = None) -> Tensor:
     """Decode ``max_new_tokens`` after ``prompt`` [B, s0] (the same on every rank) through
     the pipeline; returns [B, s0 + max_new_tokens] on every rank.
 
     ``stage_module``: this rank's stage of a GPT (``split(gpt.layers(), pp)``), one stage
     per rank. Greedy when ``temperature == 0`` (token for token what the whole model's
     greedy decoding gives), else sampled with ``seed``. ``num_microbatches``: request
-    groups in flight (default: min(pp, B)).
+    groups in flight (default: min(pp, B)). ``on_token(rows, tokens)`` is called on the last
+    stage as soon as request group ``rows`` has its next tokens [len(rows)] (streaming).
     """
     from tandem.mesh import Mesh, get_mesh
 
@@ -165,6 +166,8 @@ def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, me
                 tok = sharded_argmax(scores, st.tp.comm if st.tp is not None else None,
                                      st.tp.rank if st.tp is not None else 0)
                 out[r, s0 + t] = tok
+                if on_token is not None:
+                    on_token(r, tok)
                 if t + 1 < max_new_tokens:
                     if link is None:
                         tokens[(t, i)] = tok

@@ -1,0 +1,107 @@
+"""The `tandem` command end to end on CPU: train at several (tp, pp, dp), generate from the
+checkpoint, bench --quick, info, multi-node on loopback, and every bad-argument case."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 240
+
+
+def tandem(*args, timeout=TIMEOUT, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "tandem", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)
+
+
+def _check_outputs(out, *, pp):
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    losses = [s["loss"] for s in metrics["steps"]]
+    assert metrics["final_loss"] < metrics["first_loss"] - 0.3, losses
+    assert all(s["tokens_per_s"] > 0 for s in metrics["steps"])
+    trace = json.load(open(os.path.join(out, "timeline.json")))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    assert {e["cat"] for e in events if e.get("ph") == "X"} >= {"F", "B"}
+    assert len({e["tid"] if pp == 1 else e["pid"] for e in events if e.get("ph") == "X"}) >= 1
+    for png in ("schedule.png", "loss.png"):
+        with open(os.path.join(out, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.exists(os.path.join(out, "checkpoint", ".metadata"))
+    return metrics
+
+
+@pytest.mark.parametrize("tp,pp,dp", [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 2, 2)])
+def test_train(tmp_path, tp, pp, dp):
+    out = str(tmp_path / "run")
+    r = tandem("train", "--tp", str(tp), "--pp", str(pp), "--dp", str(dp), "--steps", "25", "--out", out,
+               "--check")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    metrics = _check_outputs(out, pp=pp)
+    assert metrics["parallel"] == {**metrics["parallel"], "tp": tp, "pp": pp, "dp": dp}
+    assert metrics["check"]["max_loss_diff"] < 2e-3, metrics["check"]
+    assert "largest loss difference to the tp=pp=dp=1 reference" in r.stdout
+
+
+def test_generate_from_checkpoint_with_tp_and_pp(tmp_path):
+    out = str(tmp_path / "run")
+    r = tandem("train", "--tp", "2", "--steps", "120", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    outputs = []
+    for tp, pp in ((1, 1), (2, 1), (1, 2)):
+        g = tandem("generate", "--checkpoint", os.path.join(out, "checkpoint"), "--prompt", "3 7 11",
+                   "--max-new-tokens", "6", "--tp", str(tp), "--pp", str(pp))
+        assert g.returncode == 0, g.stderr[-3000:]
+        tokens = [int(t) for t in g.stdout.split()]
+        assert tokens[:3] == [3, 7, 11] and len(tokens) == 9
+        outputs.append(tokens)
+    assert outputs[0] == outputs[1] == outputs[2]  # greedy: the same tokens at every layout
+    assert outputs[0][3:5] == [15, 19]  # it learned the progression
+
+
+def test_bench_quick_and_info():
+    r = tandem("bench", "gemm", "--quick")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "# " in r.stdout and "fused" in r.stdout
+    r = tandem("info")
+    assert r.returncode == 0 and "core" in r.stdout and "advice" in r.stdout
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback(tmp_path):
+    """torchrun --nnodes 2 ... -m tandem train: two 'nodes' of one process each."""
+    port = _free_port()
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id", "tandem-test",
+           "-m", "tandem", "train", "--tp", "2", "--steps", "5", "--out", out]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [n.communicate(timeout=TIMEOUT) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), [r[1][-2000:] for r in results]
+    assert os.path.exists(os.path.join(out, "metrics.json"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--tp", "2", "--pp", "2", "--nproc", "3"], "tp*pp*dp = 2*2*1 = 4 does not match the 3 processes"),
+    (["train", "--tp", "3"], "not divisible by tp=3"),
+    (["train", "--schedule", "2f2b"], "invalid choice: '2f2b'"),
+    (["train", "--pp", "4", "--microbatches", "2"], "--schedule 1f1b"),
+    (["train", "--model", "{\"hidden_size\": 10}"], "hidden_size=10 is not divisible by num_heads"),
+    (["generate", "--checkpoint", "/nonexistent/ckpt", "--prompt", "1 2"], "no checkpoint at '/nonexistent/ckpt'"),
+])
+def test_bad_arguments_fail_fast_with_exit_code_2(args, message):
+    r = tandem(*args, timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
