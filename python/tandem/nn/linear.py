@@ -64,9 +64,16 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         comm = self.tp.comm
+        approximate = _ACTIVATIONS[self.activation]
+        if comm is not None and approximate is None and not self.sequence_parallel:
+            from tandem.comm import column_parallel_linear
+
+            # (..., in) @ (in, out/tp) -> (..., out/tp); in backward the all-reduce of the input
+            # gradient overlaps the weight-gradient GEMM
+            y = column_parallel_linear(x, self.weight, self.bias, comm)
+            return C.gather_from_tp(y, comm, dim=-1) if self.gather_output else y
         # (b, s/tp, in) -> all-gather over tp -> (b, s, in); or f: identity, all-reduce in backward
         x = C.gather_from_sp(x, comm, dim=1) if self.sequence_parallel else C.copy_to_tp(x, comm)
-        approximate = _ACTIVATIONS[self.activation]
         if approximate is None:
             y = F.linear(x, self.weight, self.bias)  # (..., in) @ (in, out/tp) -> (..., out/tp)
         else:
