@@ -276,6 +276,59 @@ section_sanitizer() {
 }
 
 # ---------------------------------------------------------------------------------------
+# communication runtime (tandem.comm): single-GPU benchmarks. Its CUDA tests
+# (tests/test_comm_cuda.py, marked cuda) run in tests_cuda above. One GPU means a world of
+# one rank: the NCCL path runs end to end (own communicator, comm stream, events), but the
+# collectives are local copies, so bandwidth and overlap targets are not measured here.
+
+# comm_bench_summary JSON: the target lines, then "<rows> rows, <wrong> wrong values"
+comm_bench_summary() {
+    "$PY" - "$1" <<'PYEOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+for t in r["targets"]:
+    v = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+    print(f"{'PASS' if t['pass'] else 'MISS'}|{t['description']} = {v} (target >= {t['target']:.2f})")
+print(f"{len(r['results'])} rows, {r['wrong']} wrong values")
+PYEOF
+}
+
+# comm_bench NAME CAP GPU_ARGS CPU_ARGS: run benchmarks/NAME.py, record it and its targets
+comm_bench() {
+    local name=$1 cap=$2 gpu_args=$3 cpu_args=$4 json="$OUT/$1.json" what lines status line
+    rm -f "$json"
+    if ((HAVE_GPU)); then
+        what="cuda, one rank"
+        # shellcheck disable=SC2086
+        run_step "$name" "$cap" -- "$PY" "benchmarks/$name.py" --device cuda $gpu_args --json "$json"
+    else
+        what="NO GPU: CPU smoke run"
+        # shellcheck disable=SC2086
+        run_step "$name" 60 -- "$PY" "benchmarks/$name.py" --device cpu $cpu_args --json "$json"
+    fi
+    local rc=$STEP_RC
+    if [[ ! -s $json ]]; then
+        record "$name" "$(status_of $rc)" "$(why $rc)no JSON ($what): see $name.log"
+        return
+    fi
+    mapfile -t lines < <(comm_bench_summary "$json")
+    status=$(status_of $rc)
+    ((rc == 0 && HAVE_GPU == 0)) && status=SKIP
+    record "$name" "$status" "$(why $rc)$what; ${lines[-1]}"
+    for line in "${lines[@]:0:${#lines[@]}-1}"; do
+        ROWS+=("  target|${line%%|*}||${line#*|}")
+    done
+}
+
+section_bench_comm() {
+    comm_bench bench_comm 90 "-b 8 -e 256M -f 4 --warmup 5 --iters 20" "-e 64K -f 8"
+}
+
+section_bench_overlap() {
+    comm_bench bench_overlap 90 "--dtype bf16 --warmup 3 --iters 10" "--iters 5"
+}
+
+# ---------------------------------------------------------------------------------------
 # run, then the summary
 
 print_summary() {
@@ -299,6 +352,7 @@ print_summary() {
 }
 
 SECTIONS=(env build tests_cuda bench_linear_gelu sanitizer)
+SECTIONS+=(bench_comm bench_overlap)  # communication runtime, see its block above
 for section in "${SECTIONS[@]}"; do
     echo "== section $section ($(left) s left)"
     "section_$section"

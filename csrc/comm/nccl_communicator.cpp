@@ -74,9 +74,10 @@ NcclCommunicator::~NcclCommunicator() {
     c10::cuda::CUDAGuard guard(device_index_);
     std::lock_guard<std::mutex> lock(state_->mu);
     if (state_->comm == nullptr) return;
-    // Finalize flushes pending operations (bounded by the timeout), then destroy.
+    // Finalize flushes pending operations, then destroy. Bounded: a process must be able to
+    // exit even when a peer is gone (a failed finalize aborts the communicator).
     nccl_check(ncclCommFinalize(state_->comm), who() + ": ncclCommFinalize");
-    nccl_wait_ready_locked(*state_, who() + ": ncclCommFinalize", deadline_after(timeout_s()));
+    nccl_wait_ready_locked(*state_, who() + ": ncclCommFinalize", deadline_after(std::min(timeout_s(), 10.0)));
     ncclCommDestroy(state_->comm);
     state_->comm = nullptr;
   } catch (...) {  // a destructor never throws; a failed finalize aborted the communicator
