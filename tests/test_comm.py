@@ -112,7 +112,7 @@ def _check_bad_input(comm, rank, n):
 
 def _check_recv_timeout(comm, rank, n):
     """A recv whose peer never sends raises a timeout naming rank, peer, operation."""
-    side = comm._impl.fork()  # its own tag: nothing else can match this recv
+    side = comm.fork()  # its own tag: nothing else can match this recv
     if rank == 0:
         w = side.recv(torch.empty(3), 1)
         with pytest.raises(TimeoutError) as info:

@@ -136,6 +136,12 @@ class Communicator:
         return self._impl.batch_p2p([(kind, t, int(peer)) for kind, t, peer in ops])
 
     # --- lifetime ---------------------------------------------------------------------
+    def fork(self) -> "Communicator":
+        """A communicator over the same ranks whose operations are ordered independently of
+        this one's (NCCL: ncclCommSplit with its own comm stream; c10d: its own p2p tag).
+        Collective: every rank of the group forks in the same order."""
+        return Communicator(self.group, _impl=self._impl.fork())
+
     def abort(self) -> None:
         """Tear the communicator down: pending and later operations raise CommError."""
         self._impl.abort()
