@@ -7,12 +7,16 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tandem
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: test build clean
+.PHONY: test build demo clean
 
 test: $(STAMP)/core
 	$(PY) -m pytest -q
 
 build: $(STAMP)/core
+
+# The main job: train tandem's GPT at tp=2 x pp=2 (4 CPU processes, gloo, 1F1B).
+demo: $(STAMP)/core
+	$(PY) -m tandem train --tp 2 --pp 2 --schedule 1f1b --steps 150 --out runs/demo
 
 # A CUDA build of torch, so the CUDA sources compile here even without a GPU.
 $(STAMP)/venv:

@@ -38,6 +38,31 @@ def _last_step(rows: list) -> list:
             and r.end_s <= span]
 
 
+def text_timeline(rows: list, width: int = 72) -> str:
+    """The timeline as text, one line per pipeline rank: F of microbatch m prints as the digit
+    m, B as the letter a+m, W as A+m (m mod 10), idle as '.'."""
+    if not rows:
+        return ""
+    span = max(r.end_s for r in rows) or 1.0
+    ranks = sorted({r.rank for r in rows})
+    lines = []
+    for rank in ranks:
+        cells = ["."] * width
+        for r in (r for r in rows if r.rank == rank):
+            kind = str(getattr(r.kind, "value", r.kind))
+            base = {"F": "0", "B": "a", "W": "A"}.get(kind)
+            if base is None:
+                continue
+            glyph = chr(ord(base) + r.microbatch % 10)
+            lo, hi = int(r.start_s / span * width), max(int(r.start_s / span * width) + 1, int(r.end_s / span * width))
+            for i in range(lo, min(hi, width)):
+                cells[i] = glyph
+        lines.append(f"  rank {rank} |{''.join(cells)}|")
+    lines.append(f"  {'':6} 0{'':{width - 12}}{span * 1e3:8.1f} ms")
+    lines.append("  F: 0-9, B: a-j, W: A-J (microbatch mod 10), idle: .")
+    return "\n".join(lines)
+
+
 def _plot_loss(history: list, chance: float, floor: float, path: str) -> None:
     import matplotlib
 
@@ -88,6 +113,9 @@ def write_outputs(args, cfg, mesh, history, timeline, elapsed, tokens_per_step, 
            title=f"measured: tp={mesh.tp} pp={mesh.pp} dp={mesh.dp}"
            + (f" {args.schedule}, m={args.microbatches}" if mesh.pp > 1 else "") + " (last step)")
     _plot_loss(history, chance, floor, os.path.join(out, "loss.png"))
+    last = _last_step(rows)
+    print(f"schedule of the last step, measured (picture: {out}/schedule.png):")
+    print(text_timeline(last))
     print(f"loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f} (chance {chance:.3f}, best possible "
           f"{floor:.3f}) in {len(history)} steps, {elapsed:.1f} s, {metrics['tokens_per_s']:,.0f} tokens/s")
     if reference is not None:
