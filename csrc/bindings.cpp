@@ -16,6 +16,9 @@ TORCH_LIBRARY(tandem, m) {
       "linear_bias_gelu_backward_input(Tensor grad_output, Tensor pre_activation, Tensor weight, "
       "str approximate=\"tanh\") -> (Tensor grad_input, Tensor grad_pre_activation, Tensor grad_bias)");
   m.def("linear_bias_gelu_backward_weight(Tensor grad_pre_activation, Tensor input) -> Tensor grad_weight");
+  m.def(
+      "linear_dgelu_bgrad(Tensor grad_output, Tensor weight, Tensor pre_activation, str approximate=\"tanh\") "
+      "-> (Tensor grad_pre_activation, Tensor grad_bias)");
   m.def("_gelu_formula(Tensor x, str approximate, bool derivative) -> Tensor");  // tests only
 }
 
@@ -24,6 +27,7 @@ TORCH_LIBRARY(tandem, m) {
   m.impl("linear_bias_gelu_fwd", &tandem::ops::linear_bias_gelu_fwd);                         \
   m.impl("linear_bias_gelu_backward_input", &tandem::ops::linear_bias_gelu_backward_input);   \
   m.impl("linear_bias_gelu_backward_weight", &tandem::ops::linear_bias_gelu_backward_weight); \
+  m.impl("linear_dgelu_bgrad", &tandem::ops::linear_dgelu_bgrad);                             \
   m.impl("_gelu_formula", &tandem::ops::gelu_formula);
 
 TORCH_LIBRARY_IMPL(tandem, CPU, m) { TANDEM_REGISTER_LINEAR_GELU(m) }

@@ -229,3 +229,44 @@ def test_shared_gelu_formulas_match_torch(approximate, dtype):
     F.gelu(xd, approximate=approximate).sum().backward()
     torch.testing.assert_close(dgot.double(), xd.grad, rtol=tol, atol=tol)
     assert want.shape == got.shape and xg.grad.shape == dgot.shape
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_linear_dgelu_bgrad_matches_autograd(approximate, dtype):
+    """fc2's input gradient, fc1's GeLU backward and fc1's bias gradient in one op."""
+    g = torch.Generator().manual_seed(9)
+    pre = torch.randn(3, 5, 24, generator=g, dtype=dtype, requires_grad=True)  # fc1's pre-activation
+    w2 = torch.randn(16, 24, generator=g, dtype=dtype)  # fc2: 24 -> 16
+    grad_out = torch.randn(3, 5, 16, generator=g, dtype=dtype)
+    F.linear(F.gelu(pre, approximate=approximate), w2).backward(grad_out)
+    grad_pre, grad_bias = ops.linear_dgelu_bgrad(grad_out, w2, pre.detach(), approximate)
+    torch.testing.assert_close(grad_pre, pre.grad)
+    torch.testing.assert_close(grad_bias, pre.grad.sum((0, 1)))
+    torch.library.opcheck(torch.ops.tandem.linear_dgelu_bgrad.default, (grad_out, w2, pre.detach(), approximate))
+    with pytest.raises(ValueError, match=r"pre_activation shape \[3, 5, 7\] must be grad_output's leading dims"):
+        ops.linear_dgelu_bgrad(grad_out, w2, pre.detach()[..., :7], approximate)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_parallel_mlp_fused_backward_matches_composite(activation):
+    """ParallelMLP's fused backward (linear_dgelu_bgrad) against nn.Linear -> GELU -> nn.Linear."""
+    from tandem.mesh import Mesh
+    from tandem.nn import ParallelMLP
+
+    torch.manual_seed(0)
+    mlp = ParallelMLP(12, 40, activation=activation, mesh=Mesh.single())
+    plain = nn.Sequential(nn.Linear(12, 40), nn.GELU("tanh" if activation == "gelu_tanh" else "none"),
+                          nn.Linear(40, 12))
+    plain.load_state_dict({k.replace("fc1", "0").replace("fc2", "2"): v for k, v in mlp.state_dict().items()})
+    x = torch.randn(2, 7, 12)
+    grad_out = torch.randn(2, 7, 12)
+    got = _run(lambda x, *_: mlp(x), x.clone().requires_grad_(), None, None, grad_out)
+    want = _run(lambda x, *_: plain(x), x.clone().requires_grad_(), None, None, grad_out)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    (mlp(x) * grad_out).sum().backward()
+    (plain(x) * grad_out).sum().backward()
+    for name, p in mlp.named_parameters():
+        q = dict(plain.named_parameters())[name.replace("fc1", "0").replace("fc2", "2")]
+        torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")

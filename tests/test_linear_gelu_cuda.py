@@ -169,3 +169,26 @@ def test_bad_input_on_cuda_raises_clearly():
         ops.linear_bias_gelu(x, torch.randn(16, 8))
     with pytest.raises(TypeError, match="dtype"):
         ops.linear_bias_gelu(x, torch.randn(16, 8, device="cuda", dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("n2,n", [(256, 512), (250, 512), (256, 100)], ids=["aligned", "n2-unaligned", "n-unaligned"])
+def test_linear_dgelu_bgrad_on_cuda(n2, n, approximate, dtype):
+    """fc2's input gradient with fc1's GeLU backward and bias gradient: one cuBLASLt matmul
+    with the DGELU_BGRAD epilogue where it applies (aligned, tanh), else the general path."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    pre64 = torch.randn(96, n, generator=g, device="cuda", dtype=torch.float64) * 1.4
+    w64 = torch.randn(n2, n, generator=g, device="cuda", dtype=torch.float64) / n2**0.5
+    grad64 = torch.randn(96, n2, generator=g, device="cuda", dtype=torch.float64)
+    pre, w, grad = pre64.to(dtype), w64.to(dtype), grad64.to(dtype)
+
+    def reference(p, wt, gr):
+        p = p.detach().requires_grad_()
+        F.linear(F.gelu(p, approximate=approximate), wt).backward(gr)
+        return p.grad, p.grad.sum(0)
+
+    exact = reference(*_float64(pre, w, grad))
+    plain = reference(pre, w, grad)
+    got = ops.linear_dgelu_bgrad(grad, w, pre, approximate)
+    _assert_within_twice_composite(got, plain, exact, dtype, ["grad_pre", "grad_bias"])

@@ -163,4 +163,44 @@ Tensor linear_bias_gelu_backward_weight(const Tensor& grad_pre_activation, const
   return at::mm(gp.t(), x);  // (N, M) @ (M, K) -> (N, K)
 }
 
+std::tuple<Tensor, Tensor> linear_dgelu_bgrad(const Tensor& grad_output, const Tensor& weight,
+                                              const Tensor& pre_activation, c10::string_view approximate) {
+  const char* op = "linear_dgelu_bgrad";
+  const Gelu kind = parse_gelu(approximate, op);
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [out_features, in_features], got shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(grad_output.dim() >= 1 && grad_output.size(-1) == weight.size(0), op, ": grad_output shape ",
+                    grad_output.sizes(), " does not match weight shape ", weight.sizes(), " (out_features ",
+                    weight.size(0), ")");
+  TORCH_CHECK_VALUE(pre_activation.dim() == grad_output.dim() && pre_activation.size(-1) == weight.size(1) &&
+                        pre_activation.sizes().slice(0, pre_activation.dim() - 1) ==
+                            grad_output.sizes().slice(0, grad_output.dim() - 1),
+                    op, ": pre_activation shape ", pre_activation.sizes(), " must be grad_output's leading dims ",
+                    "with in_features=", weight.size(1), " (grad_output ", grad_output.sizes(), ")");
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == weight.scalar_type() &&
+                       pre_activation.scalar_type() == weight.scalar_type(),
+                   op, ": dtypes differ: grad_output ", grad_output.scalar_type(), ", weight ",
+                   weight.scalar_type(), ", pre_activation ", pre_activation.scalar_type());
+  TORCH_CHECK_VALUE(grad_output.device() == weight.device() && pre_activation.device() == weight.device(), op,
+                    ": devices differ: grad_output ", grad_output.device(), ", weight ", weight.device(),
+                    ", pre_activation ", pre_activation.device());
+  const at::OptionalDeviceGuard guard(weight.device());
+  const Tensor g = as_tokens(grad_output);
+  const Tensor p = as_tokens(pre_activation);
+#ifdef TANDEM_WITH_CUDA
+  if (g.is_cuda() && kind == Gelu::kTanh && g.scalar_type() != at::kDouble) {
+    Tensor grad_pre = at::empty_like(p);
+    Tensor grad_bias = at::empty({weight.size(1)}, p.options());
+    if (linear_dgelu_bgrad_cublaslt(g, weight.contiguous(), p, grad_pre, grad_bias)) {
+      return {grad_pre.view(pre_activation.sizes()), grad_bias};
+    }
+  }
+#endif
+  const Tensor up = at::mm(g, weight);  // (M, N2) @ (N2, N) -> (M, N): the gradient of gelu(pre)
+  Tensor grad_pre = at::empty_like(p);
+  gelu_backward(up, p, grad_pre, kind);  // (M, N) * gelu'(pre)
+  Tensor grad_bias = grad_pre.sum(0);    // (M, N) -> (N)
+  return {grad_pre.view(pre_activation.sizes()), grad_bias};
+}
+
 }  // namespace tandem::ops

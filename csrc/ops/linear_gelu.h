@@ -40,6 +40,10 @@ void gelu_backward_cuda(const Tensor& grad_out, const Tensor& pre, Tensor& grad_
 // algorithm): the caller then takes the general path.
 bool linear_gelu_cublaslt(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                           Tensor& out, Tensor* pre);
+// grad_pre = (grad_output @ weight) * gelu'(pre) and grad_bias = sum of grad_pre over
+// tokens, as ONE cuBLASLt matmul with the DGELU_BGRAD epilogue. Same contract as above.
+bool linear_dgelu_bgrad_cublaslt(const Tensor& grad_output, const Tensor& weight, const Tensor& pre,
+                                 Tensor& grad_pre, Tensor& grad_bias);
 #endif
 
 // The general path (any device): one ATen GEMM with the bias (addmm), then one GeLU pass. Also the reference
@@ -59,6 +63,11 @@ std::tuple<Tensor, Tensor, Tensor> linear_bias_gelu_backward_input(const Tensor&
                                                                    const Tensor& weight,
                                                                    c10::string_view approximate);
 Tensor linear_bias_gelu_backward_weight(const Tensor& grad_pre_activation, const Tensor& input);
+// Backward through a linear layer (weight [N2, N]) that follows a GeLU whose pre-activation is
+// pre [..., N]: the next layer's input gradient, the GeLU backward and the bias gradient of the
+// layer before, in one GEMM on CUDA (DGELU_BGRAD). Returns (grad_pre_activation, grad_bias).
+std::tuple<Tensor, Tensor> linear_dgelu_bgrad(const Tensor& grad_output, const Tensor& weight,
+                                              const Tensor& pre_activation, c10::string_view approximate);
 
 // The shared GeLU formulas (gelu_math.h) as an op, for tests: gelu(x), or gelu'(x).
 Tensor gelu_formula(const Tensor& x, c10::string_view approximate, bool derivative);

@@ -112,53 +112,51 @@ void gelu_backward_cuda(const Tensor& grad_out, const Tensor& pre, Tensor& grad_
   });
 }
 
-bool linear_gelu_cublaslt(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                          Tensor& out, Tensor* pre) {
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  // cuBLASLt wants packed 16-byte aligned operands; the aux (pre-activation) leading
-  // dimension must be a multiple of 8. Anything else takes the general path.
-  const bool fits = M > 0 && K > 0 && N > 0 && N % 8 == 0 && K % 8 == 0 && x.is_contiguous() &&
-                    weight.is_contiguous() && aligned16(x.const_data_ptr()) &&
-                    aligned16(weight.const_data_ptr()) && aligned16(out.const_data_ptr()) &&
-                    (!pre || aligned16(pre->const_data_ptr())) &&
-                    (!bias || (bias->is_contiguous() && aligned16(bias->const_data_ptr())));
-  if (!fits) return false;
+namespace {
 
-  // Column-major view of the row-major problem out[M, N] = x[M, K] @ weight[N, K]^T:
-  //   D (N x M, ld N) = op(A) (N x K) * B (K x M), A = weight as col-major K x N (ld K), op = T,
-  //   B = x as col-major K x M (ld K). The bias is a vector over D's rows (N).
-  const cudaDataType_t dt = cuda_type(x.scalar_type());
+// One cuBLASLt matmul in column-major terms, D (m x n, ld m) = op(A) (m x k) * B (k x n), with
+// an epilogue. Row-major callers pass their problem transposed (see the callers).
+struct LtGemm {
+  int64_t m, n, k;
+  const void* a;
+  cublasOperation_t trans_a;
+  int64_t a_rows, a_cols;  // A as stored, column-major, packed (ld = a_rows)
+  const void* b;           // B is k x n, packed (ld = k)
+  void* d;
+  at::ScalarType dtype;
+  cublasLtEpilogue_t epilogue;
+  const void* bias = nullptr;  // bias in, or the bias gradient out (BGRAD epilogues)
+  void* aux = nullptr;         // GeLU pre-activation, m x n (ld m)
+};
+
+// Returns false, having launched nothing, when cuBLASLt has no kernel for the problem.
+bool lt_gemm(const LtGemm& g, const at::TensorOptions& options) {
+  const cudaDataType_t dt = cuda_type(g.dtype);
   LtDescriptors desc;
   TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&desc.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  const cublasOperation_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
-  TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a)));
+  const cublasOperation_t trans_b = CUBLAS_OP_N;
+  TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, &g.trans_a, sizeof(g.trans_a)));
   TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b, sizeof(trans_b)));
-
-  cublasLtEpilogue_t epilogue;
-  if (bias) epilogue = pre ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_BIAS;
-  else epilogue = pre ? CUBLASLT_EPILOGUE_GELU_AUX : CUBLASLT_EPILOGUE_GELU;
-  TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
-  if (bias) {
-    const void* bias_ptr = bias->const_data_ptr();
-    TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr, sizeof(bias_ptr)));
+  TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &g.epilogue, sizeof(g.epilogue)));
+  if (g.bias) {
+    TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
     TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &dt, sizeof(dt)));
   }
-  if (pre) {
-    void* aux_ptr = pre->data_ptr();
-    const int64_t aux_ld = N;  // pre is [M, N] row-major = N x M column-major
-    TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux_ptr, sizeof(aux_ptr)));
+  if (g.aux) {
+    const int64_t aux_ld = g.m;
+    TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &g.aux, sizeof(g.aux)));
     TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof(aux_ld)));
   }
-  TANDEM_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&desc.a, dt, K, N, K));
-  TANDEM_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&desc.b, dt, K, M, K));
-  TANDEM_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&desc.d, dt, N, M, N));
-
+  TANDEM_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&desc.a, dt, g.a_rows, g.a_cols, g.a_rows));
+  TANDEM_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&desc.b, dt, g.k, g.n, g.k));
+  TANDEM_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&desc.d, dt, g.m, g.n, g.m));
   const size_t ws_bytes = kWorkspaceBytes;
   TANDEM_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&desc.pref));
   TANDEM_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof(ws_bytes)));
 
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  const AlgoKey key{x.get_device(), M, N, K, static_cast<int>(x.scalar_type()), static_cast<int>(epilogue)};
+  const AlgoKey key{options.device().index(), g.m, g.n, g.k, static_cast<int>(g.dtype),
+                    static_cast<int>(g.epilogue) * 2 + (g.trans_a == CUBLAS_OP_T)};
   std::optional<cublasLtMatmulAlgo_t> algo;
   {
     AlgoCache& cache = algo_cache();
@@ -177,13 +175,56 @@ bool linear_gelu_cublaslt(const Tensor& x, const Tensor& weight, const std::opti
   if (!algo) return false;  // cuBLASLt has no kernel for this problem: general path
 
   // from the caching allocator, stream-ordered: reused, not cudaMalloc'ed, after the first call
-  auto workspace = at::empty({static_cast<int64_t>(kWorkspaceBytes)}, x.options().dtype(at::kByte));
+  auto workspace = at::empty({static_cast<int64_t>(kWorkspaceBytes)}, options.dtype(at::kByte));
   const float alpha = 1.0f, beta = 0.0f;
-  TANDEM_CUBLASLT_CHECK(cublasLtMatmul(handle, desc.op, &alpha, weight.const_data_ptr(), desc.a, x.const_data_ptr(),
-                                       desc.b, &beta, out.data_ptr(), desc.d, out.data_ptr(), desc.d,
-                                       &*algo, workspace.data_ptr(), ws_bytes,
+  TANDEM_CUBLASLT_CHECK(cublasLtMatmul(handle, desc.op, &alpha, g.a, desc.a, g.b, desc.b, &beta, g.d, desc.d, g.d,
+                                       desc.d, &*algo, workspace.data_ptr(), ws_bytes,
                                        at::cuda::getCurrentCUDAStream()));
   return true;
+}
+
+// cuBLASLt wants packed, 16-byte aligned operands; aux leading dimensions a multiple of 8.
+bool lt_fits(std::initializer_list<const Tensor*> tensors, std::initializer_list<int64_t> dims) {
+  for (const Tensor* t : tensors) {
+    if (t && (!t->is_contiguous() || !aligned16(t->const_data_ptr()))) return false;
+  }
+  for (int64_t d : dims) {
+    if (d <= 0 || d % 8) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+bool linear_gelu_cublaslt(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                          Tensor& out, Tensor* pre) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  if (M == 0 || !lt_fits({&x, &weight, &out, pre, bias ? &*bias : nullptr}, {N, K})) return false;
+  // Column-major view of the row-major out[M, N] = x[M, K] @ weight[N, K]^T:
+  //   D (N x M) = op(A) (N x K) * B (K x M), A = weight stored as col-major K x N, op = T,
+  //   B = x stored as col-major K x M. The bias is a vector over D's rows (N).
+  LtGemm g{N, M, K, weight.const_data_ptr(), CUBLAS_OP_T, K, N, x.const_data_ptr(), out.data_ptr(),
+           x.scalar_type(), CUBLASLT_EPILOGUE_GELU};
+  if (bias) g.epilogue = pre ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_BIAS;
+  else if (pre) g.epilogue = CUBLASLT_EPILOGUE_GELU_AUX;
+  g.bias = bias ? bias->const_data_ptr() : nullptr;
+  g.aux = pre ? pre->data_ptr() : nullptr;  // pre [M, N] row-major = N x M col-major, ld N
+  return lt_gemm(g, x.options());
+}
+
+bool linear_dgelu_bgrad_cublaslt(const Tensor& grad_output, const Tensor& weight, const Tensor& pre,
+                                 Tensor& grad_pre, Tensor& grad_bias) {
+  const int64_t M = grad_output.size(0), N2 = grad_output.size(1), N = weight.size(1);
+  if (M == 0 || !lt_fits({&grad_output, &weight, &pre, &grad_pre, &grad_bias}, {N, N2})) return false;
+  // Column-major view of grad_pre[M, N] = (grad_output[M, N2] @ weight[N2, N]) * gelu'(pre[M, N]):
+  //   D (N x M) = A (N x N2) * B (N2 x M), A = weight stored as col-major N x N2, op = N,
+  //   B = grad_output stored as col-major N2 x M. DGELU_BGRAD multiplies by gelu'(aux) and
+  //   sums D's rows into the bias gradient (N).
+  LtGemm g{N, M, N2, weight.const_data_ptr(), CUBLAS_OP_N, N, N2, grad_output.const_data_ptr(),
+           grad_pre.data_ptr(), grad_output.scalar_type(), CUBLASLT_EPILOGUE_DGELU_BGRAD};
+  g.bias = grad_bias.data_ptr();
+  g.aux = const_cast<void*>(pre.const_data_ptr());  // read-only for DGELU
+  return lt_gemm(g, grad_output.options());
 }
 
 }  // namespace tandem::ops

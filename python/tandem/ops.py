@@ -14,6 +14,7 @@ __all__ = [
     "linear_bias_gelu_fwd",
     "linear_bias_gelu_backward_input",
     "linear_bias_gelu_backward_weight",
+    "linear_dgelu_bgrad",
 ]
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -44,6 +45,19 @@ def linear_bias_gelu_backward_input(grad_output: Tensor, pre_activation: Tensor,
 def linear_bias_gelu_backward_weight(grad_pre_activation: Tensor, input: Tensor) -> Tensor:
     """W step: grad_weight = grad_pre_activation^T @ input, [out_features, in_features]."""
     return torch.ops.tandem.linear_bias_gelu_backward_weight(grad_pre_activation, input)
+
+
+def linear_dgelu_bgrad(grad_output: Tensor, weight: Tensor, pre_activation: Tensor,
+                       approximate: str = "tanh") -> tuple[Tensor, Tensor]:
+    """Backward through ``linear(gelu(pre), weight)`` down to ``pre``: returns
+    (grad_pre = (grad_output @ weight) * gelu'(pre), grad_bias = grad_pre summed over tokens).
+
+    weight is the next layer's [N2, N]; pre_activation [..., N] is what
+    :func:`linear_bias_gelu_fwd` kept. On CUDA ("tanh") one cuBLASLt matmul with the
+    DGELU_BGRAD epilogue: the MLP's fc2 input-gradient GEMM also does fc1's GeLU backward and
+    bias gradient.
+    """
+    return torch.ops.tandem.linear_dgelu_bgrad(grad_output, weight, pre_activation, approximate)
 
 
 def _check_approximate(approximate: str) -> None:
@@ -106,3 +120,13 @@ def _(grad_output, pre_activation, weight, approximate="tanh"):
 @torch.library.register_fake("tandem::linear_bias_gelu_backward_weight")
 def _(grad_pre_activation, input):
     return input.new_empty((grad_pre_activation.shape[-1], input.shape[-1]))
+
+
+@torch.library.register_fake("tandem::linear_dgelu_bgrad")
+def _(grad_output, weight, pre_activation, approximate="tanh"):
+    _check_approximate(approximate)
+    torch._check_value(weight.dim() == 2 and grad_output.shape[-1] == weight.shape[0],
+                       lambda: "linear_dgelu_bgrad: grad_output does not match weight")
+    torch._check_value(pre_activation.shape[-1] == weight.shape[1],
+                       lambda: "linear_dgelu_bgrad: pre_activation does not match weight")
+    return pre_activation.new_empty(pre_activation.shape), weight.new_empty((weight.shape[1],))

@@ -2,13 +2,45 @@
 
 from typing import Optional
 
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import Function
 
+from tandem import ops
 from tandem.mesh import Mesh
+from tandem.nn import _collectives as C
 from tandem.nn.linear import ColumnParallelLinear, RowParallelLinear
 from tandem.nn.state import FullStateDictMixin
 
 __all__ = ["ParallelMLP"]
+
+
+class _MLPShard(Function):
+    """fc2(gelu(fc1(x))) on this rank's shards, before fc2's all-reduce.
+
+    Backward runs fc2's input-gradient GEMM together with fc1's GeLU backward and bias
+    gradient (ops.linear_dgelu_bgrad: one cuBLASLt matmul with the DGELU_BGRAD epilogue on
+    CUDA), so the gradient at fc1's output is never materialised.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, approximate):
+        y1, pre = ops.linear_bias_gelu_fwd(x, w1, b1, approximate)  # (.., h) -> (.., ffn/tp), one GEMM
+        y = F.linear(y1, w2)  # (.., ffn/tp) @ (ffn/tp, h) -> (.., h), partial sums over tp
+        ctx.save_for_backward(x, w1, pre, y1, w2)
+        ctx.approximate, ctx.has_bias = approximate, b1 is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1, pre, y1, w2 = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_w2 = grad.reshape(-1, grad.shape[-1]).t() @ y1.reshape(-1, y1.shape[-1])  # (h, M) @ (M, ffn/tp)
+        # (.., h) @ (h, ffn/tp) * gelu'(pre) -> (.., ffn/tp), and its sum over tokens -> fc1's bias grad
+        grad_pre, grad_b1 = ops.linear_dgelu_bgrad(grad, w2, pre, ctx.approximate)
+        grad_x = grad_pre @ w1 if ctx.needs_input_grad[0] else None  # (.., ffn/tp) @ (ffn/tp, h), partial
+        grad_w1 = ops.linear_bias_gelu_backward_weight(grad_pre, x)  # (ffn/tp, M) @ (M, h)
+        return grad_x, grad_w1, grad_b1 if ctx.has_bias else None, grad_w2, None
 
 
 class ParallelMLP(FullStateDictMixin, nn.Module):
@@ -28,4 +60,12 @@ class ParallelMLP(FullStateDictMixin, nn.Module):
         self.fc2 = RowParallelLinear(ffn_hidden_size, hidden_size, bias, overlap_chunks=overlap_chunks, **common)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.fc1(x))  # (.., h) -> (.., ffn/tp) -> (.., h)
+        fc1, fc2 = self.fc1, self.fc2
+        if fc1.sequence_parallel or fc2.overlap_chunks > 1:  # the layers' own collectives
+            return fc2(fc1(x))  # (.., h) -> (.., ffn/tp) -> (.., h)
+        comm = fc1.tp.comm
+        x = C.copy_to_tp(x, comm)  # f: identity, all-reduce of the input gradient in backward
+        approximate = "tanh" if fc1.activation == "gelu_tanh" else "none"
+        y = _MLPShard.apply(x, fc1.weight, fc1.bias, fc2.weight, approximate)  # (.., h) partial
+        y = C.reduce_from_tp(y, comm)  # g: all-reduce over tp
+        return y if fc2.bias is None else y + fc2.bias
