@@ -63,10 +63,14 @@ def test_generate_from_checkpoint_with_tp_and_pp(tmp_path):
     assert outputs[0][3:5] == [15, 19]  # it learned the progression
 
 
-def test_bench_quick_and_info():
-    r = tandem("bench", "gemm", "--quick")
+def test_bench_quick_json_plot_and_info(tmp_path):
+    r = tandem("bench", "gemm", "--quick", "--json", str(tmp_path / "json"), "--plot", str(tmp_path / "png"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "# " in r.stdout and "fused" in r.stdout
+    record = json.load(open(tmp_path / "json" / "gemm.json"))
+    assert record["results"] and record["env"]["device"]
+    with open(tmp_path / "png" / "gemm.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     r = tandem("info")
     assert r.returncode == 0 and "core" in r.stdout and "advice" in r.stdout
 

@@ -59,10 +59,12 @@ def _gemm(record, out, name):
 def _pipeline(record, out, name):
     plt, fig, ax = _figure()
     rows = record["results"]
-    for sched in sorted({r["schedule"] for r in rows}):
+    for i, sched in enumerate(sorted({r["schedule"] for r in rows})):
         mine = sorted((r for r in rows if r["schedule"] == sched), key=lambda r: r["m"])
-        ax.plot([r["m"] for r in mine], [r["bubble"] for r in mine], marker="o", label=f"{sched} measured")
-        ax.plot([r["m"] for r in mine], [r.get("sim_bubble") for r in mine], "--", marker=".",
+        color = f"C{i}"  # one colour per schedule: solid measured, dashed simulated
+        ax.plot([r["m"] for r in mine], [r["bubble"] for r in mine], marker="o", color=color,
+                label=f"{sched} measured")
+        ax.plot([r["m"] for r in mine], [r.get("sim_bubble") for r in mine], "--", marker=".", color=color,
                 label=f"{sched} simulated")
     ax.set_xlabel("microbatches m")
     ax.set_ylabel("bubble fraction")
