@@ -109,3 +109,59 @@ def test_bad_arguments_fail_fast_with_exit_code_2(args, message):
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _children(pid):
+    """Direct child pids of ``pid`` (from /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def _start_long_training(tmp_path):
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "tandem", "train", "--tp", "2", "--steps", "100000",
+                             "--out", str(tmp_path / "run"), "--timeout", "30"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    workers = []
+    while time.monotonic() < deadline and len(workers) < 2:  # tandem -> torch launcher -> 2 workers
+        launchers = _children(proc.pid)
+        workers = [w for launcher in launchers for w in _children(launcher)]
+        time.sleep(0.5)
+    assert len(workers) == 2, "the workers did not start"
+    time.sleep(8)  # let them reach the training loop
+    return proc, workers
+
+
+@pytest.mark.parametrize("how", ["dead rank", "ctrl-c"])
+def test_a_dead_rank_or_ctrl_c_stops_every_rank(tmp_path, how):
+    import signal
+    import time
+
+    proc, workers = _start_long_training(tmp_path)
+    t0 = time.monotonic()
+    if how == "dead rank":
+        os.kill(workers[1], signal.SIGKILL)
+    else:
+        for pid in [proc.pid, *_children(proc.pid)]:  # what a terminal's Ctrl-C does: SIGINT to the group
+            os.kill(pid, signal.SIGINT)
+    try:
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 60
+    time.sleep(1)
+    alive = [w for w in workers if os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z"]
+    assert not alive, f"workers still running: {alive}"

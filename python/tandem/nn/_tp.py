@@ -54,3 +54,12 @@ def new_param(shape, device, dtype) -> nn.Parameter:
 def init_device(device) -> torch.device:
     """Full weights are initialised on CPU (same RNG stream as a CPU nn.Linear), unless meta."""
     return torch.device("meta") if device is not None and torch.device(device).type == "meta" else torch.device("cpu")
+
+
+def reset_linear_(module: nn.Module) -> None:
+    """Initialise a TP linear layer like nn.Linear on its full weight, then keep its shard."""
+    dev = init_device(module.weight.device)
+    w = torch.empty(module.out_features, module.in_features, device=dev)
+    b = torch.empty(module.out_features, device=dev) if module.bias is not None else None
+    linear_init_(w, b, module.in_features)
+    module.load_full_state_dict({"weight": w, **({"bias": b} if b is not None else {})})

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tandem import ops
 from tandem.mesh import Mesh
 from tandem.nn import _collectives as C
-from tandem.nn._tp import TPInfo, check_divisible, init_device, linear_init_, new_param, shard
+from tandem.nn._tp import TPInfo, check_divisible, new_param, reset_linear_, shard
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear"]
 
@@ -56,11 +56,7 @@ class ColumnParallelLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        dev = init_device(self.weight.device)
-        w = torch.empty(self.out_features, self.in_features, device=dev)
-        b = torch.empty(self.out_features, device=dev) if self.bias is not None else None
-        linear_init_(w, b, self.in_features)
-        self.load_full_state_dict({"weight": w, **({"bias": b} if b is not None else {})})
+        reset_linear_(self)
 
     def forward(self, x: Tensor) -> Tensor:
         comm = self.tp.comm
@@ -127,11 +123,7 @@ class RowParallelLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        dev = init_device(self.weight.device)
-        w = torch.empty(self.out_features, self.in_features, device=dev)
-        b = torch.empty(self.out_features, device=dev) if self.bias is not None else None
-        linear_init_(w, b, self.in_features)
-        self.load_full_state_dict({"weight": w, **({"bias": b} if b is not None else {})})
+        reset_linear_(self)
 
     def forward(self, x: Tensor) -> Tensor:
         comm = self.tp.comm
