@@ -9,6 +9,7 @@ from torch import Tensor
 
 from tandem import _C
 from tandem.comm._communicator import Communicator
+from tandem.nn.wgrad import deferring, weight_grad
 
 __all__ = ["row_parallel_linear", "column_parallel_backward", "column_parallel_linear"]
 
@@ -23,7 +24,7 @@ class _RowParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, comm, chunks):
         ctx.save_for_backward(input, weight)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.weight = bias is not None, weight
         return _C._row_parallel_linear_forward(input, weight, bias, _impl(comm), int(chunks))
 
     @staticmethod
@@ -37,8 +38,8 @@ class _RowParallelLinear(torch.autograd.Function):
             # (M, N) @ (N, K/tp) -> (M, K/tp)
             grad_input = (g @ weight).view(*input.shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[1]:
-            # (N, M) @ (M, K/tp) -> (N, K/tp)
-            grad_weight = g.t() @ input.reshape(-1, input.shape[-1])
+            # (N, M) @ (M, K/tp) -> (N, K/tp), now or deferred to W (zero-bubble schedules)
+            grad_weight = weight_grad(ctx.weight, lambda: g.t() @ input.reshape(-1, input.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)  # (M, N) -> (N)
         return grad_input, grad_weight, grad_bias, None, None
@@ -85,16 +86,20 @@ class _ColumnParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, comm):
         ctx.save_for_backward(input, weight)
-        ctx.comm, ctx.has_bias = comm, bias is not None
+        ctx.comm, ctx.has_bias, ctx.weight = comm, bias is not None, weight
         # (..., K) @ (K, N/tp) -> (..., N/tp); the input is the same on every tp rank
         return torch.nn.functional.linear(input, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
+        defer = ctx.needs_input_grad[1] and deferring()
         grad_input, grad_weight, grad_bias = column_parallel_backward(
-            grad_output, input, weight, ctx.comm, weight_grad=ctx.needs_input_grad[1],
+            grad_output, input, weight, ctx.comm, weight_grad=ctx.needs_input_grad[1] and not defer,
             bias_grad=ctx.has_bias and ctx.needs_input_grad[2])
+        if defer:  # W later: (N/tp, M) @ (M, K)
+            g, x = grad_output.reshape(-1, grad_output.shape[-1]), input.reshape(-1, input.shape[-1])
+            grad_weight = weight_grad(ctx.weight, lambda: g.t() @ x)
         return grad_input, grad_weight, grad_bias, None
 
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from tandem.mesh import Mesh
 from tandem.nn import _collectives as C
+from tandem.nn import wgrad as W
 from tandem.nn._tp import TPInfo
 from tandem.nn.attention import KVCache, ParallelSelfAttention
 from tandem.nn.embedding import VocabParallelEmbedding, vocab_parallel_cross_entropy
@@ -163,7 +164,7 @@ class GPTHead(FullStateDictMixin, nn.Module):
         comm, sp = self.tp.comm, self.config.sequence_parallel
         x = _layer_norm(x, self.ln_f, comm, sp)
         x = C.gather_from_sp(x, comm, dim=1) if sp else C.copy_to_tp(x, comm)  # (b, s, h) on every rank
-        return F.linear(x, self.weight)  # (b, s, h) @ (h, V/tp) -> (b, s, V/tp)
+        return W.linear(x, self.weight)  # (b, s, h) @ (h, V/tp) -> (b, s, V/tp)
 
 
 class GPT(FullStateDictMixin, nn.Module):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from tandem.mesh import Mesh
 from tandem.nn import _collectives as C
+from tandem.nn import wgrad as W
 from tandem.nn._tp import TPInfo, check_divisible, init_device, linear_init_
 from tandem.nn.linear import ColumnParallelLinear, RowParallelLinear
 from tandem.nn.state import FullStateDictMixin
@@ -112,7 +113,7 @@ class ParallelSelfAttention(FullStateDictMixin, nn.Module):
 
     def _kv(self, x: Tensor, proj: nn.Module) -> Tensor:
         if not self.kv_replicated:
-            return F.linear(x, proj.weight, proj.bias)  # (b, s, h) @ (h, KV*hd/tp) -> (b, s, KV*hd/tp)
+            return W.linear(x, proj.weight, proj.bias)  # (b, s, h) @ (h, KV*hd/tp) -> (b, s, KV*hd/tp)
         comm = self.tp.comm
         w, b = C.reduce_grad(proj.weight, comm), C.reduce_grad(proj.bias, comm)
         full = F.linear(x, w, b)  # (b, s, h) @ (h, KV*hd) -> (b, s, KV*hd)
@@ -123,7 +124,7 @@ class ParallelSelfAttention(FullStateDictMixin, nn.Module):
         # one entry into the TP region for q, k and v: (b, s/tp, h) all-gathered, or f
         x = C.gather_from_sp(x, comm, dim=1) if self.sequence_parallel else C.copy_to_tp(x, comm)
         b, s, _ = x.shape
-        q = F.linear(x, self.q_proj.weight, self.q_proj.bias)  # (b, s, h) @ (h, h/tp) -> (b, s, h/tp)
+        q = W.linear(x, self.q_proj.weight, self.q_proj.bias)  # (b, s, h) @ (h, h/tp) -> (b, s, h/tp)
         k, v = self._kv(x, self.k_proj), self._kv(x, self.v_proj)
         q = q.view(b, s, self.local_heads, self.head_dim).transpose(1, 2)  # (b, H/tp, s, hd)
         k = k.view(b, s, self.local_kv_heads, self.head_dim).transpose(1, 2)  # (b, KV/tp, s, hd)

@@ -13,12 +13,12 @@ give and take nn.Linear's keys and shapes.
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tandem import ops
 from tandem.mesh import Mesh
 from tandem.nn import _collectives as C
+from tandem.nn import wgrad as W
 from tandem.nn._tp import TPInfo, check_divisible, new_param, reset_linear_, shard
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear"]
@@ -71,7 +71,7 @@ class ColumnParallelLinear(nn.Module):
         # (b, s/tp, in) -> all-gather over tp -> (b, s, in); or f: identity, all-reduce in backward
         x = C.gather_from_sp(x, comm, dim=1) if self.sequence_parallel else C.copy_to_tp(x, comm)
         if approximate is None:
-            y = F.linear(x, self.weight, self.bias)  # (..., in) @ (in, out/tp) -> (..., out/tp)
+            y = W.linear(x, self.weight, self.bias)  # (..., in) @ (in, out/tp) -> (..., out/tp)
         else:
             y = ops.linear_bias_gelu(x, self.weight, self.bias, approximate)  # same GEMM, fused GeLU
         return C.gather_from_tp(y, comm, dim=-1) if self.gather_output else y  # -> (..., out)
@@ -130,9 +130,9 @@ class RowParallelLinear(nn.Module):
         if not self.input_is_parallel:
             x = C.scatter_to_tp(x, comm, dim=-1)  # (..., in) -> (..., in/tp)
         if comm is None:
-            return F.linear(x, self.weight, self.bias)
+            return W.linear(x, self.weight, self.bias)
         if self.sequence_parallel:
-            y = F.linear(x, self.weight)  # (b, s, in/tp) @ (in/tp, out) -> (b, s, out), partial sums
+            y = W.linear(x, self.weight)  # (b, s, in/tp) @ (in/tp, out) -> (b, s, out), partial sums
             y = C.reduce_scatter_to_sp(y, comm, dim=1)  # -> (b, s/tp, out), summed over tp
             # each rank adds the bias to its own tokens: its gradient is summed over tp
             return y if self.bias is None else y + C.reduce_grad(self.bias, comm)

@@ -9,6 +9,7 @@ from torch.autograd import Function
 from tandem import ops
 from tandem.mesh import Mesh
 from tandem.nn import _collectives as C
+from tandem.nn.wgrad import weight_grad
 from tandem.nn.linear import ColumnParallelLinear, RowParallelLinear
 from tandem.nn.state import FullStateDictMixin
 
@@ -28,18 +29,20 @@ class _MLPShard(Function):
         y1, pre = ops.linear_bias_gelu_fwd(x, w1, b1, approximate)  # (.., h) -> (.., ffn/tp), one GEMM
         y = F.linear(y1, w2)  # (.., ffn/tp) @ (ffn/tp, h) -> (.., h), partial sums over tp
         ctx.save_for_backward(x, w1, pre, y1, w2)
-        ctx.approximate, ctx.has_bias = approximate, b1 is not None
+        ctx.approximate, ctx.has_bias, ctx.weights = approximate, b1 is not None, (w1, w2)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, w1, pre, y1, w2 = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_w2 = grad.reshape(-1, grad.shape[-1]).t() @ y1.reshape(-1, y1.shape[-1])  # (h, M) @ (M, ffn/tp)
+        p1, p2 = ctx.weights
+        g2, y2 = grad.reshape(-1, grad.shape[-1]), y1.reshape(-1, y1.shape[-1])
+        grad_w2 = weight_grad(p2, lambda: g2.t() @ y2)  # (h, M) @ (M, ffn/tp), or deferred (W)
         # (.., h) @ (h, ffn/tp) * gelu'(pre) -> (.., ffn/tp), and its sum over tokens -> fc1's bias grad
         grad_pre, grad_b1 = ops.linear_dgelu_bgrad(grad, w2, pre, ctx.approximate)
         grad_x = grad_pre @ w1 if ctx.needs_input_grad[0] else None  # (.., ffn/tp) @ (ffn/tp, h), partial
-        grad_w1 = ops.linear_bias_gelu_backward_weight(grad_pre, x)  # (ffn/tp, M) @ (M, h)
+        grad_w1 = weight_grad(p1, lambda: ops.linear_bias_gelu_backward_weight(grad_pre, x))  # (ffn/tp, M) @ (M, h)
         return grad_x, grad_w1, grad_b1 if ctx.has_bias else None, grad_w2, None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from tandem.nn.wgrad import defer_weight_grads, flush
 from tandem.pipeline._transport import PipelineError
 from tandem.pipeline.ir import Action, ActionKind
 
@@ -123,9 +124,6 @@ class StageExec:
             return self.losses[mb], None
         return self.outputs[mb], self._output_grad(mb)
 
-    def _params(self):
-        return [p for p in self.module.parameters() if p.requires_grad]
-
     def backward(self, mb: int) -> None:
         """Full backward: input gradient and weight gradients together."""
         out, grad = self._roots(mb)
@@ -136,24 +134,22 @@ class StageExec:
         self.losses.pop(mb, None)
 
     def backward_input(self, mb: int) -> None:
-        """B of a split backward: only the gradient of the stage input; the graph is kept
-        for W."""
+        """B of a split backward: the stage input's gradient, and the gradients of parameters
+        outside tandem's linear layers; the linear layers' weight-gradient GEMMs are deferred
+        to W (tandem.nn.wgrad), so B + W costs one backward."""
         out, grad = self._roots(mb)
         x = self.inputs.pop(mb)
-        gx = None
-        if isinstance(x, Tensor) and x.requires_grad:
-            (gx,) = torch.autograd.grad(out, [x], grad, retain_graph=True)
-        self._keep_input_grad(mb, gx)
-        self.pending_w[mb] = (out, grad)
+        bucket = self.pending_w[mb] = []
+        with defer_weight_grads(bucket):
+            torch.autograd.backward(out, grad)
+        self._keep_input_grad(mb, x.grad if isinstance(x, Tensor) and x.requires_grad else None)
         self.outputs.pop(mb, None)
         self.losses.pop(mb, None)
 
     def backward_weight(self, mb: int) -> None:
-        """W of a split backward: the weight gradients, accumulated into ``param.grad``."""
-        out, grad = self.pending_w.pop(mb)
-        params = self._params()
-        if params and out.requires_grad:
-            torch.autograd.backward(out, grad, inputs=params)
+        """W of a split backward: the deferred weight-gradient GEMMs, accumulated into
+        ``param.grad``."""
+        flush(self.pending_w.pop(mb))
 
     def _keep_input_grad(self, mb: int, gx) -> None:
         if self.stage == 0:
