@@ -92,7 +92,9 @@ def test_two_nodes_on_loopback(tmp_path):
     nodes = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     results = [n.communicate(timeout=TIMEOUT) for n in nodes]
-    assert all(n.returncode == 0 for n in nodes), [r[1][-2000:] for r in results]
+    if any(n.returncode != 0 for n in nodes):
+        pytest.fail("\n".join(f"--- node {i}: exit {n.returncode}\n{r[0][-3000:]}\n{r[1][-6000:]}"
+                               for i, (n, r) in enumerate(zip(nodes, results))), pytrace=False)
     assert os.path.exists(os.path.join(out, "metrics.json"))
 
 

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-__all__ = ["UsageError", "fail", "under_launcher", "relaunch", "is_rank0"]
+__all__ = ["UsageError", "fail", "under_launcher", "relaunch", "is_rank0", "finish"]
 
 
 class UsageError(Exception):
@@ -37,3 +37,13 @@ def relaunch(nproc: int, argv: list) -> int:
         return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:
         return 130
+
+
+def finish() -> None:
+    """End a worker cleanly: wait for every rank, then tear the process groups down, so no
+    rank exits while a peer's communication threads still talk to it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,8 +1,9 @@
 """Decoding for `tandem generate`, run on every rank: tokens are streamed by rank 0."""
 
-import os
 
 import torch
+
+from tandem.cli import common
 
 
 def generate(args, cfg, prompt: list) -> int:
@@ -31,4 +32,5 @@ def generate(args, cfg, prompt: list) -> int:
               timeout=args.timeout, on_token=stream)
     if printer:
         print(flush=True)
+    common.finish()
     return 0

@@ -1,7 +1,5 @@
 """The training loop of `tandem train`, run on every rank."""
 
-import json
-import math
 import os
 import time
 
@@ -108,4 +106,5 @@ def train(args, cfg, tp: int, pp: int, dp: int) -> int:
 
     write_outputs(args, cfg, mesh, history, timeline(), elapsed, tokens_per_step,
                   _reference_losses(args, cfg, dp) if (args.check and rank0) else None)
+    common.finish()
     return 0
