@@ -132,7 +132,8 @@ def main(argv=None) -> int:
         verdict = common.target_line(f"speedup over PyTorch TP, worst config, tp={world}", 1 / worst, 1 / 0.9)
         print(verdict["line"])
         if args.json:
-            common.write_json(args.json, benchmark_name="bench_tp", env=env, results=results, targets=[verdict])
+            common.write_json(args.json, benchmark_name="bench_tp", env=env, results=results, targets=[verdict],
+                              wrong=sum(r["wrong"] for r in results))
     dist.barrier()
     dist.destroy_process_group()
     return 0 if all(r["wrong"] == 0 for r in results) else 1

@@ -329,6 +329,14 @@ section_bench_overlap() {
 }
 
 # ---------------------------------------------------------------------------------------
+# tensor parallelism: tandem's ParallelMLP / ParallelSelfAttention vs PyTorch TP at tp=1 on
+# one GPU (one rank; the multi-GPU runs need `torchrun --nproc-per-node N benchmarks/bench_tp.py`)
+
+section_bench_tp() {
+    comm_bench bench_tp 120 "--dtype bf16 --warmup 5 --iters 20" "--quick"
+}
+
+# ---------------------------------------------------------------------------------------
 # run, then the summary
 
 print_summary() {
@@ -353,6 +361,7 @@ print_summary() {
 
 SECTIONS=(env build tests_cuda bench_linear_gelu sanitizer)
 SECTIONS+=(bench_comm bench_overlap)  # communication runtime, see its block above
+SECTIONS+=(bench_tp)  # tensor parallelism
 for section in "${SECTIONS[@]}"; do
     echo "== section $section ($(left) s left)"
     "section_$section"
