@@ -111,6 +111,7 @@ def test_bad_arguments_fail_fast_with_exit_code_2(args, message):
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert message in r.stderr
     assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # one clear line
 
 
 def _children(pid):

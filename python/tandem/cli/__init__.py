@@ -6,10 +6,17 @@ import sys
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr and exit code 2 (`--help` shows the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from tandem.cli import bench, generate, info, train
 
-    p = argparse.ArgumentParser(prog="tandem", description="Tensor x pipeline x data parallel training "
+    p = _Parser(prog="tandem", description="Tensor x pipeline x data parallel training "
                                 "and inference of transformer models.")
     sub = p.add_subparsers(dest="command", required=True)
     for mod in (train, generate, bench, info):

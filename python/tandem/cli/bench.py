@@ -27,7 +27,8 @@ def add_parser(sub):
     p = sub.add_parser("bench", help="microbenchmarks: gemm, comm, p2p, overlap, tp, pipeline, all")
     p.add_argument("suite", choices=[*SUITES, "all"])
     p.add_argument("--quick", action="store_true", help="small sizes (a CPU runs each suite in seconds)")
-    p.add_argument("--json", metavar="DIR", help="write one JSON file per suite into DIR")
+    p.add_argument("--json", metavar="DIR", nargs="?", const="runs/bench",
+                   help="write one JSON file per suite into DIR (default runs/bench)")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
     p.add_argument("--nproc", type=int, default=None, help="ranks of the multi-rank suites (default 2)")
     p.set_defaults(run=run)
