@@ -14,7 +14,9 @@ namespace tandem::comm {
 
 namespace {
 
-ncclRedOp_t to_nccl(ReduceOp op) {
+ncclRedOp_t to_nccl(ReduceOp op, at::ScalarType dtype) {
+  // bool travels as uint8: a sum would store 2 in a bool; logical or is max (as c10d does)
+  if (dtype == at::kBool && op == ReduceOp::kSum) return ncclMax;
   switch (op) {
     case ReduceOp::kSum: return ncclSum;
     case ReduceOp::kProduct: return ncclProd;
@@ -69,7 +71,7 @@ NcclCommunicator::NcclCommunicator(std::shared_ptr<NcclState> state, int rank, i
       watchdog_(std::make_unique<NcclWatchdog>(state_, device_index_)) {}
 
 NcclCommunicator::~NcclCommunicator() {
-  watchdog_.reset();  // joins its thread; in-flight tensors are released
+  watchdog_.reset();  // joins its thread (it holds no tensors: the Works do)
   try {
     c10::cuda::CUDAGuard guard(device_index_);
     std::lock_guard<std::mutex> lock(state_->mu);
@@ -157,7 +159,7 @@ std::shared_ptr<CudaEvent> NcclCommunicator::enqueue(const std::string& what, co
 WorkPtr NcclCommunicator::make_work(std::string what, std::shared_ptr<CudaEvent> end, std::vector<at::Tensor> tensors) {
   auto work = std::make_shared<NcclWork>(std::move(what), timeout_s(), state_, std::move(end), std::move(tensors),
                                          device_index_);
-  watchdog_->track(work);
+  watchdog_->track(*work);
   return work;
 }
 
@@ -165,7 +167,7 @@ WorkPtr NcclCommunicator::do_all_reduce(const at::Tensor& t, ReduceOp op, std::s
   const ncclDataType_t dtype = nccl_dtype(t.scalar_type(), what);
   // t [n...] -> t [n...] reduced over the group, in place
   auto end = enqueue(what, {t}, [&](ncclComm_t comm, cudaStream_t stream) {
-    nccl_check(ncclAllReduce(t.data_ptr(), t.data_ptr(), count(t), dtype, to_nccl(op), comm, stream), what);
+    nccl_check(ncclAllReduce(t.data_ptr(), t.data_ptr(), count(t), dtype, to_nccl(op, t.scalar_type()), comm, stream), what);
   });
   return make_work(std::move(what), std::move(end), {t});
 }
@@ -184,7 +186,7 @@ WorkPtr NcclCommunicator::do_reduce_scatter(const at::Tensor& out, const at::Ten
   const ncclDataType_t dtype = nccl_dtype(in.scalar_type(), what);
   // in [size * n0, ...] reduced over the group -> out [n0, ...], this rank's block
   auto end = enqueue(what, {out, in}, [&](ncclComm_t comm, cudaStream_t stream) {
-    nccl_check(ncclReduceScatter(in.data_ptr(), out.data_ptr(), count(out), dtype, to_nccl(op), comm, stream), what);
+    nccl_check(ncclReduceScatter(in.data_ptr(), out.data_ptr(), count(out), dtype, to_nccl(op, in.scalar_type()), comm, stream), what);
   });
   return make_work(std::move(what), std::move(end), {out, in});
 }

@@ -22,9 +22,9 @@ NcclWatchdog::~NcclWatchdog() {
   thread_.join();
 }
 
-void NcclWatchdog::track(std::shared_ptr<NcclWork> work) {
+void NcclWatchdog::track(const NcclWork& work) {
   std::lock_guard<std::mutex> lock(mu_);
-  works_.push_back(std::move(work));
+  works_.push_back(Tracked{work.end_event(), work.deadline(), work.what()});
 }
 
 void NcclWatchdog::run() {
@@ -40,18 +40,24 @@ void NcclWatchdog::run() {
 }
 
 void NcclWatchdog::poll() {
-  std::vector<std::shared_ptr<NcclWork>> pending;
+  std::vector<Tracked> pending;
   {
     std::lock_guard<std::mutex> lock(mu_);
     pending.swap(works_);
   }
   const auto now = Clock::now();
-  std::shared_ptr<NcclWork> expired;
-  std::vector<std::shared_ptr<NcclWork>> still;
+  const Tracked* expired = nullptr;
+  std::vector<Tracked> still;
+  still.reserve(pending.size());
   for (auto& w : pending) {
-    if (w->event_done()) continue;  // done: its tensors are released here
-    if (!expired && now > w->deadline()) expired = w;
+    if (cudaEventQuery(w.end->get()) == cudaSuccess) continue;  // done
     still.push_back(std::move(w));
+  }
+  for (const auto& w : still) {
+    if (now > w.deadline) {
+      expired = &w;
+      break;
+    }
   }
   bool failed = false;
   {
@@ -64,7 +70,7 @@ void NcclWatchdog::poll() {
                                 ncclGetLastError(state_->comm) + ")",
                             false);
       } else if (expired) {
-        state_->fail_locked(expired->what() + ": timed out (the watchdog aborted the communicator)", true);
+        state_->fail_locked(expired->what + ": timed out (the watchdog aborted the communicator)", true);
       }
     }
     failed = !state_->error.empty();

@@ -1,7 +1,9 @@
 #pragma once
-// The NCCL backend's watchdog: a thread that keeps in-flight Works (and their tensors)
-// alive until their end events fire, polls ncclCommGetAsyncError, and aborts the
-// communicator when an operation outlives its timeout, so no GPU wait hangs forever.
+// The NCCL backend's watchdog: a thread that watches the end events of in-flight
+// operations, polls ncclCommGetAsyncError, and aborts the communicator when an operation
+// outlives its timeout, so no GPU wait hangs forever. It holds no tensors (their memory is
+// protected by recordStream): releasing a tensor can take the GIL, and the communicator's
+// destructor joins this thread while holding it.
 #ifdef TANDEM_WITH_CUDA
 #include <condition_variable>
 #include <thread>
@@ -18,7 +20,7 @@ class NcclWatchdog {
   NcclWatchdog(const NcclWatchdog&) = delete;
   NcclWatchdog& operator=(const NcclWatchdog&) = delete;
 
-  void track(std::shared_ptr<NcclWork> work);
+  void track(const NcclWork& work);
 
  private:
   void run();
@@ -29,7 +31,12 @@ class NcclWatchdog {
   std::mutex mu_;  // guards works_ and stop_
   std::condition_variable cv_;
   bool stop_ = false;
-  std::vector<std::shared_ptr<NcclWork>> works_;
+  struct Tracked {
+    std::shared_ptr<CudaEvent> end;
+    Clock::time_point deadline;
+    std::string what;
+  };
+  std::vector<Tracked> works_;
   std::thread thread_;
 };
 

@@ -26,6 +26,7 @@ class NcclWork final : public Work {
   // For the watchdog: has the end event fired? Never raises.
   bool event_done() const;
   Clock::time_point deadline() const { return deadline_; }
+  std::shared_ptr<CudaEvent> end_event() const { return end_; }
 
  private:
   std::shared_ptr<NcclState> state_;

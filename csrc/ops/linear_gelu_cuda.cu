@@ -24,7 +24,7 @@ int blocks_for(int64_t n) {
 }
 
 template <typename scalar_t>
-__global__ void gelu_forward_kernel(const scalar_t* __restrict__ pre, scalar_t* __restrict__ out, int64_t n,
+__global__ void gelu_forward_kernel(const scalar_t* pre, scalar_t* out, int64_t n,  // may alias (in place)
                                     Gelu kind) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
@@ -73,14 +73,26 @@ cudaDataType_t cuda_type(at::ScalarType t) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// The largest power of two <= 256 that divides the address (cuBLASLt's alignment classes).
+uint32_t alignment_of(const void* p) {
+  uint32_t a = 256;
+  while (a > 1 && reinterpret_cast<uintptr_t>(p) % a) a /= 2;
+  return a;
+}
+
 constexpr size_t kWorkspaceBytes = 32 << 20;  // what cuBLASLt asks for on Hopper
 
-// The algorithm the heuristic picks depends only on the problem (device, sizes, dtype,
-// epilogue; operands are always 16-byte aligned here): ask once per problem.
-using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int, int>;
+// The algorithm the heuristic picks depends on the problem (device, sizes, dtype, epilogue)
+// and on the operands' alignments (it may pick kernels that assume 256-byte alignment):
+// ask once per problem and alignment.
+using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, uint32_t>;
+struct CachedAlgo {
+  bool found = false;  // false: cuBLASLt has no (working) kernel for the problem
+  cublasLtMatmulAlgo_t algo{};
+};
 struct AlgoCache {
   std::mutex mu;
-  std::map<AlgoKey, std::optional<cublasLtMatmulAlgo_t>> algos;  // nullopt: cuBLASLt has none
+  std::map<AlgoKey, CachedAlgo> algos;
 };
 AlgoCache& algo_cache() {
   static AlgoCache cache;
@@ -153,11 +165,28 @@ bool lt_gemm(const LtGemm& g, const at::TensorOptions& options) {
   const size_t ws_bytes = kWorkspaceBytes;
   TANDEM_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&desc.pref));
   TANDEM_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof(ws_bytes)));
+  // The heuristic assumes 256-byte aligned operands unless told otherwise.
+  const uint32_t align_a = alignment_of(g.a), align_b = alignment_of(g.b), align_d = alignment_of(g.d);
+  TANDEM_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
+  TANDEM_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
+  TANDEM_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
+  TANDEM_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
 
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  // every pointer's alignment class, a nibble each (log2: 1..256 -> 0..8, none -> 15): A, B, D, bias, aux
+  const void* pointers[5] = {g.a, g.b, g.d, g.bias, g.aux};
+  uint32_t aligns = 0;
+  for (int i = 0; i < 5; ++i) {
+    uint32_t log2 = 15;  // absent
+    if (pointers[i] != nullptr) {
+      log2 = 0;
+      for (uint32_t a = alignment_of(pointers[i]); a > 1; a /= 2) ++log2;
+    }
+    aligns = aligns * 16 + log2;
+  }
   const AlgoKey key{options.device().index(), g.m, g.n, g.k, static_cast<int>(g.dtype),
-                    static_cast<int>(g.epilogue) * 2 + (g.trans_a == CUBLAS_OP_T)};
-  std::optional<cublasLtMatmulAlgo_t> algo;
+                    static_cast<int>(g.epilogue) * 2 + (g.trans_a == CUBLAS_OP_T), aligns};
+  CachedAlgo algo;
   {
     AlgoCache& cache = algo_cache();
     std::lock_guard<std::mutex> lock(cache.mu);
@@ -167,19 +196,29 @@ bool lt_gemm(const LtGemm& g, const at::TensorOptions& options) {
       int found = 0;
       const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(handle, desc.op, desc.a, desc.b, desc.d, desc.d,
                                                                desc.pref, 1, &heuristic, &found);
-      if (hs == CUBLAS_STATUS_SUCCESS && found > 0) algo = heuristic.algo;
-      it = cache.algos.emplace(key, algo).first;
+      CachedAlgo entry;
+      if (hs == CUBLAS_STATUS_SUCCESS && found > 0) {
+        entry.found = true;
+        entry.algo = heuristic.algo;
+      }
+      it = cache.algos.emplace(key, entry).first;
     }
     algo = it->second;
   }
-  if (!algo) return false;  // cuBLASLt has no kernel for this problem: general path
+  if (!algo.found) return false;  // cuBLASLt has no kernel for this problem: general path
 
   // from the caching allocator, stream-ordered: reused, not cudaMalloc'ed, after the first call
   auto workspace = at::empty({static_cast<int64_t>(kWorkspaceBytes)}, options.dtype(at::kByte));
   const float alpha = 1.0f, beta = 0.0f;
-  TANDEM_CUBLASLT_CHECK(cublasLtMatmul(handle, desc.op, &alpha, g.a, desc.a, g.b, desc.b, &beta, g.d, desc.d, g.d,
-                                       desc.d, &*algo, workspace.data_ptr(), ws_bytes,
-                                       at::cuda::getCurrentCUDAStream()));
+  const cublasStatus_t st = cublasLtMatmul(handle, desc.op, &alpha, g.a, desc.a, g.b, desc.b, &beta, g.d, desc.d,
+                                           g.d, desc.d, &algo.algo, workspace.data_ptr(), ws_bytes,
+                                           at::cuda::getCurrentCUDAStream());
+  if (st != CUBLAS_STATUS_SUCCESS) {  // an algorithm it offered but cannot run: general path from now on
+    AlgoCache& cache = algo_cache();
+    std::lock_guard<std::mutex> lock(cache.mu);
+    cache.algos[key].found = false;
+    return false;
+  }
   return true;
 }
 

@@ -8,6 +8,8 @@ stream with CUDA events only); CPU tensors go through the group's c10d ProcessGr
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from typing import Optional, Sequence, Union
 
 import torch
@@ -41,6 +43,20 @@ def _nccl_bootstrap(group, device: torch.device, timeout: float):
     return _C._nccl_communicator(objects[0], rank, dist.get_world_size(group), index, float(timeout))
 
 
+_live_nccl: "weakref.WeakSet[Communicator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _abort_live_nccl() -> None:
+    """At interpreter exit, abort NCCL communicators still alive (globals, cycles): their
+    watchdog threads must not poll CUDA and NCCL while those tear down."""
+    for comm in list(_live_nccl):
+        try:
+            comm.abort()
+        except Exception:  # exiting anyway: nothing left to report it to
+            pass
+
+
 class Communicator:
     """Collectives and p2p among the ranks of ``group`` (a torch.distributed ProcessGroup).
 
@@ -59,6 +75,8 @@ class Communicator:
         if _impl is not None:
             self._impl = _impl
             self.group = group
+            if self.backend == "nccl":
+                _live_nccl.add(self)
             return
         group = group if group is not None else dist.group.WORLD
         if group is None:
@@ -72,6 +90,7 @@ class Communicator:
             if device.type != "cuda":
                 raise ValueError(f"tandem.comm.Communicator: the nccl backend needs a CUDA device, got {device}")
             self._impl = _nccl_bootstrap(group, device, timeout)
+            _live_nccl.add(self)
         elif backend == "c10d":
             self._impl = _C._c10d_communicator(group, str(device), float(timeout))
         else:
