@@ -1,6 +1,7 @@
 """The `tandem` command: train, generate, bench, info (also `python -m tandem`)."""
 
 import argparse
+import os
 import sys
 
 __all__ = ["main"]
@@ -28,7 +29,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     args.argv = argv  # to relaunch the same command on several processes
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except BrokenPipeError:  # `tandem info | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
