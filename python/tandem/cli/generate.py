@@ -4,7 +4,6 @@ The prompt is space-separated token ids (the synthetic task's vocabulary is inte
 ``--prompt "3 7 11"`` continues the progression: 15 19 23 ...
 """
 
-import os
 
 from tandem.cli import common
 

@@ -31,11 +31,9 @@ def _last_step(rows: list) -> list:
     """The records of the last step (a picture of all steps is unreadable)."""
     if not rows:
         return rows
-    span = max(r.end_s for r in rows)
     firsts = sorted({r.start_s for r in rows if r.stage == 0 and r.microbatch == 0 and str(r.kind).endswith("F")})
     begin = firsts[-1] if firsts else 0.0
-    return [r._replace(start_s=r.start_s - begin, end_s=r.end_s - begin) for r in rows if r.start_s >= begin
-            and r.end_s <= span]
+    return [r._replace(start_s=r.start_s - begin, end_s=r.end_s - begin) for r in rows if r.start_s >= begin]
 
 
 def text_timeline(rows: list, width: int = 72) -> str:

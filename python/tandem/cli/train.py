@@ -7,9 +7,8 @@ stderr and exit code 2.
 
 import json
 import os
-import time
 
-from tandem.cli import common, data
+from tandem.cli import common
 
 SCHEDULES = {"gpipe": "GPipe", "1f1b": "OneFOneB", "interleaved": "Interleaved1F1B", "zb-h1": "ZeroBubbleH1"}
 MODELS = {

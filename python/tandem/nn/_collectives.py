@@ -13,7 +13,6 @@
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 from torch.autograd import Function
 
@@ -118,17 +117,6 @@ class _ReduceScatterToSP(Function):
         return all_gather(grad, ctx.comm, ctx.dim), None, None
 
 
-class _ReduceGrad(Function):
-    @staticmethod
-    def forward(ctx, p, comm):
-        ctx.comm = comm
-        return p.view_as(p)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_reduce(grad, ctx.comm), None
-
-
 def copy_to_tp(x: Tensor, comm) -> Tensor:
     return x if comm is None else _CopyToTP.apply(x, comm)
 
@@ -160,4 +148,5 @@ def scatter_to_sp(x: Tensor, comm, dim: int = 1) -> Tensor:
 
 def reduce_grad(p: Optional[Tensor], comm) -> Optional[Tensor]:
     """A parameter whose gradient is summed over tp in backward (sequence-parallel regions)."""
-    return p if (comm is None or p is None) else _ReduceGrad.apply(p, comm)
+    # the f operator applied to a parameter: identity forward, all-reduce of the gradient
+    return p if (comm is None or p is None) else _CopyToTP.apply(p, comm)
