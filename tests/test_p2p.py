@@ -64,16 +64,53 @@ def _check_static_pipeline(comm, rank, n):
     if not first:  # receive buffers come back once the caller lets go of them
         assert len(ptrs) < 4, ptrs
 
-    # a later tensor of another shape: a clear error on the sender, a timeout on its peer
+    # a later tensor of another shape: a clear error on the sender and on its peer, which
+    # learns it from the error board long before its timeout
+    mismatch = (r"stage 0: send_forward to stage 1\): tensor float32\[3, 6\] does not "
+                r"match the static shape agreed on first use, float32\[3, 5\]")
     if rank == 0:
-        with pytest.raises(ValueError, match=r"stage 0: send_forward to stage 1\): tensor float32\[3, 6\] does not "
-                                             r"match the static shape agreed on first use, float32\[3, 5\]"):
+        with pytest.raises(ValueError, match=mismatch):
             link.send_forward(torch.zeros(3, 6))
     elif rank == 1:
         start = time.monotonic()
-        with pytest.raises(TimeoutError, match=r"stage 1: recv_forward from stage 0: .* timed out after 0.5 s"):
+        with pytest.raises(RuntimeError, match=r"stage 1: recv_forward from stage 0: a stage reported: .*" + mismatch) as info:
+            link.recv_forward(timeout=20.0)
+        assert not isinstance(info.value, TimeoutError)
+        assert time.monotonic() - start < SLACK
+        # the direction is unusable afterwards (its order is lost): later receives say so
+        with pytest.raises(RuntimeError, match="an earlier receive failed"):
             link.recv_forward(timeout=SHORT)
-        assert time.monotonic() - start < SHORT + SLACK
+
+
+def _check_early_posted(comm, rank, n):
+    """Receives posted before the data exists, completed out of order, in both modes."""
+    from tandem.comm import StageLink
+
+    for shapes in ("static", "dynamic"):
+        first, last = rank == 0, rank == n - 1
+        link = StageLink(comm, None if first else rank - 1, None if last else rank + 1, shapes=shapes, timeout=30.0)
+        handles = [] if first else [link.irecv_forward() for _ in range(4)]  # before any send
+        if handles:
+            assert not handles[3].is_completed()
+        xs = [torch.arange(6.0).reshape(2, 3) + mb for mb in range(4)] if first else \
+            [h.wait() for h in handles]
+        if not first:
+            for mb, x in enumerate(xs):
+                assert torch.equal(x, torch.arange(6.0).reshape(2, 3) + mb + rank), (mb, x)
+            assert handles[0].is_completed()
+            with pytest.raises(RuntimeError, match="already waited for"):
+                handles[0].wait()
+        grads = [] if last else [link.irecv_backward() for _ in range(4)]
+        for x in xs:
+            if not last:
+                link.send_forward(x + 1)
+        outs = [2 * (x + 1) for x in xs] if last else [g.wait() for g in reversed(grads)][::-1]
+        if not first:
+            for o in outs:
+                link.send_backward(o)
+        link.wait_sends()
+        for mb, o in enumerate(outs):
+            assert torch.equal(o, 2 * (torch.arange(6.0).reshape(2, 3) + mb + n)), (mb, o)
 
 
 def _check_bad_input(comm, rank, n):
@@ -103,6 +140,7 @@ def _world4(rank, n):
 
     comm = Communicator(dist.group.WORLD, "cpu", timeout=30.0)
     _check_bad_input(comm, rank, n)
+    _check_early_posted(comm, rank, n)
     _check_dynamic_ring(comm, rank, n)
     _check_static_pipeline(comm, rank, n)
     dist.barrier()  # the group outlived the timed-out recv

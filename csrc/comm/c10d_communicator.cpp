@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <deque>
 #include <mutex>
 #include <thread>
 
@@ -30,43 +31,92 @@ c10d::ReduceOp to_c10d(ReduceOp op) {
   return c10d::ReduceOp::SUM;
 }
 
-// A send/recv is waited for on a helper thread started with the operation: gloo's own
-// timeout on a send/recv closes every connection of the group, and gloo reports a p2p
-// operation complete only once someone waited for it. The helper waits without a timeout;
-// our deadline aborts the operation instead, and the group stays usable.
+}  // namespace
+
+// The outcome of one send/recv, filled in by its P2PWaitQueue's thread.
 struct P2PWaiter {
   std::mutex mu;
   std::condition_variable cv;
   bool finished = false;
   bool ok = false;
   std::string error;
+};
 
-  static std::shared_ptr<P2PWaiter> start(c10::intrusive_ptr<c10d::Work> work) {
+// Gloo reports a send/recv complete only once someone waited for it, and gloo's own timeout
+// on such a wait closes every connection of the group. So each (communicator, peer, kind)
+// has one long-lived thread that waits for its operations without a timeout, in posting
+// order (gloo matches and completes them in that order); our deadline aborts an operation
+// instead, which wakes the thread, and the group stays usable.
+class P2PWaitQueue {
+ public:
+  P2PWaitQueue() = default;
+  P2PWaitQueue(const P2PWaitQueue&) = delete;
+  P2PWaitQueue& operator=(const P2PWaitQueue&) = delete;
+
+  static std::shared_ptr<P2PWaitQueue> start() {
+    auto q = std::make_shared<P2PWaitQueue>();
+    std::thread([q] { q->run(); }).detach();  // holds q: ends when stopped and drained
+    return q;
+  }
+
+  std::shared_ptr<P2PWaiter> add(c10::intrusive_ptr<c10d::Work> work) {
     auto waiter = std::make_shared<P2PWaiter>();
-    std::thread([waiter, work = std::move(work)] {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      items_.emplace_back(std::move(work), waiter);
+    }
+    cv_.notify_one();
+    return waiter;
+  }
+
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  void run() {
+    while (true) {
+      std::pair<c10::intrusive_ptr<c10d::Work>, std::shared_ptr<P2PWaiter>> item;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || !items_.empty(); });
+        if (items_.empty()) return;  // stopped and drained
+        item = std::move(items_.front());
+        items_.pop_front();
+      }
       bool ok = false;
       std::string error;
       try {
-        ok = work->wait();
+        ok = item.first->wait();
       } catch (const std::exception& e) {
         error = e.what();
       }
-      std::lock_guard<std::mutex> lock(waiter->mu);
-      waiter->finished = true;
-      waiter->ok = ok;
-      waiter->error = error;
-      waiter->cv.notify_all();
-    }).detach();
-    return waiter;
+      P2PWaiter& w = *item.second;
+      std::lock_guard<std::mutex> lock(w.mu);
+      w.finished = true;
+      w.ok = ok;
+      w.error = error;
+      w.cv.notify_all();
+    }
   }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::pair<c10::intrusive_ptr<c10d::Work>, std::shared_ptr<P2PWaiter>>> items_;
+  bool stop_ = false;
 };
+
+namespace {
 
 class C10dWork final : public Work {
  public:
-  C10dWork(c10::intrusive_ptr<c10d::Work> work, std::string what, double timeout_s, bool is_p2p)
-      : Work(std::move(what), timeout_s),
-        work_(std::move(work)),
-        waiter_(is_p2p ? P2PWaiter::start(work_) : nullptr) {}
+  // waits: the queue that waits for a send/recv (nullptr for a collective)
+  C10dWork(c10::intrusive_ptr<c10d::Work> work, std::string what, double timeout_s, P2PWaitQueue* waits)
+      : Work(std::move(what), timeout_s), work_(std::move(work)), waiter_(waits ? waits->add(work_) : nullptr) {}
 
   void wait(std::optional<double> timeout_s) override { synchronize(timeout_s); }
 
@@ -87,6 +137,17 @@ class C10dWork final : public Work {
     if (!waiter_) return work_->isCompleted();
     std::lock_guard<std::mutex> lock(waiter_->mu);
     return waiter_->finished;
+  }
+
+  bool wait_for(double timeout_s) override {
+    if (done_ || !error_.empty()) return true;
+    if (!waiter_) return Work::wait_for(timeout_s);
+    std::unique_lock<std::mutex> lock(waiter_->mu);
+    return waiter_->cv.wait_for(lock, std::chrono::duration<double>(timeout_s), [&] { return waiter_->finished; });
+  }
+
+  void cancel() override {
+    if (waiter_ && !is_completed()) abort_quietly();
   }
 
  private:
@@ -173,6 +234,18 @@ CommunicatorPtr C10dCommunicator::fork() {
   return CommunicatorPtr(new C10dCommunicator(pg_, device(), timeout_s(), next_tag_->fetch_add(1), next_tag_));
 }
 
+C10dCommunicator::~C10dCommunicator() {
+  std::lock_guard<std::mutex> lock(waits_mu_);
+  for (auto& [key, q] : waits_) q->stop();  // each thread ends once its last wait returned
+}
+
+P2PWaitQueue& C10dCommunicator::waits(int peer, P2PKind kind) {
+  std::lock_guard<std::mutex> lock(waits_mu_);
+  auto& q = waits_[{peer, kind == P2PKind::kSend}];
+  if (!q) q = P2PWaitQueue::start();
+  return *q;
+}
+
 void C10dCommunicator::abort() { aborted_ = true; }
 
 void C10dCommunicator::check_alive(const std::string& what) const {
@@ -188,7 +261,7 @@ WorkPtr C10dCommunicator::do_all_reduce(const at::Tensor& t, ReduceOp op, std::s
   opts.reduceOp = to_c10d(op);
   opts.timeout = timeout_ms();  // gloo's own timeout too: a stuck worker thread gives up
   // t [n...] -> t [n...] reduced over the group, in place
-  return std::make_shared<C10dWork>(pg_->allreduce(tensors, opts), std::move(what), timeout_s(), false);
+  return std::make_shared<C10dWork>(pg_->allreduce(tensors, opts), std::move(what), timeout_s(), nullptr);
 }
 
 // _allgather_base / _reduce_scatter_base are the names that every supported torch has
@@ -201,7 +274,7 @@ WorkPtr C10dCommunicator::do_all_gather(const at::Tensor& out, const at::Tensor&
   c10d::AllgatherOptions opts;
   opts.timeout = timeout_ms();
   // in [n0, ...] on each rank -> out [size * n0, ...]
-  return std::make_shared<C10dWork>(pg_->_allgather_base(o, i, opts), std::move(what), timeout_s(), false);
+  return std::make_shared<C10dWork>(pg_->_allgather_base(o, i, opts), std::move(what), timeout_s(), nullptr);
 }
 
 WorkPtr C10dCommunicator::do_reduce_scatter(const at::Tensor& out, const at::Tensor& in, ReduceOp op,
@@ -212,7 +285,7 @@ WorkPtr C10dCommunicator::do_reduce_scatter(const at::Tensor& out, const at::Ten
   opts.reduceOp = to_c10d(op);
   opts.timeout = timeout_ms();
   // in [size * n0, ...] reduced over the group -> out [n0, ...], this rank's block
-  return std::make_shared<C10dWork>(pg_->_reduce_scatter_base(o, i, opts), std::move(what), timeout_s(), false);
+  return std::make_shared<C10dWork>(pg_->_reduce_scatter_base(o, i, opts), std::move(what), timeout_s(), nullptr);
 }
 #pragma GCC diagnostic pop
 
@@ -238,7 +311,7 @@ std::vector<WorkPtr> C10dCommunicator::do_batch_p2p(const std::vector<P2POp>& op
       if (ops[i].kind != kind || works[i]) continue;
       std::vector<at::Tensor> tensors{ops[i].tensor};
       auto w = kind == P2PKind::kSend ? pg_->send(tensors, ops[i].peer, tag_) : pg_->recv(tensors, ops[i].peer, tag_);
-      works[i] = std::make_shared<C10dWork>(std::move(w), whats[i], timeout_s(), true);
+      works[i] = std::make_shared<C10dWork>(std::move(w), whats[i], timeout_s(), &waits(ops[i].peer, kind));
     }
   }
   return works;

@@ -4,14 +4,19 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <atomic>
+#include <map>
+#include <mutex>
 
 #include "comm/communicator.h"
 
 namespace tandem::comm {
 
+class P2PWaitQueue;
+
 class C10dCommunicator final : public Communicator {
  public:
   C10dCommunicator(c10::intrusive_ptr<c10d::ProcessGroup> pg, at::Device device, double timeout_s);
+  ~C10dCommunicator() override;
 
   std::string backend() const override { return "c10d:" + pg_->getBackendName(); }
   // Same ProcessGroup, a fresh p2p tag: its sends/recvs never match this one's.
@@ -31,11 +36,15 @@ class C10dCommunicator final : public Communicator {
                    std::shared_ptr<std::atomic<int>> next_tag);
   void check_alive(const std::string& what) const;
   std::chrono::milliseconds timeout_ms() const;
+  // The queue whose thread waits for this communicator's sends (or recvs) with `peer`.
+  P2PWaitQueue& waits(int peer, P2PKind kind);
 
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
   int tag_;                                    // p2p tag of this communicator
   std::shared_ptr<std::atomic<int>> next_tag_;  // shared by all forks of one root
   std::atomic<bool> aborted_{false};
+  std::mutex waits_mu_;
+  std::map<std::pair<int, bool>, std::shared_ptr<P2PWaitQueue>> waits_;  // (peer, is_send)
 };
 
 }  // namespace tandem::comm

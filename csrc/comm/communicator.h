@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -60,6 +61,11 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   virtual std::shared_ptr<Communicator> fork() = 0;
   // Tears the communicator down; pending and later operations raise CommError.
   virtual void abort() = 0;
+  // An orderly end (NCCL: finalize, which waits for this communicator's pending operations
+  // on every rank, then destroy); later operations raise CommError. Collective: every rank
+  // closes. Past timeout_s the communicator is aborted and CommTimeout raised. Without
+  // close() the destructor aborts (local, never waits for peers).
+  virtual void close(std::optional<double> timeout_s) { abort(); }
   // Raises the pending asynchronous error (NCCL watchdog), if any.
   virtual void check() {}
 

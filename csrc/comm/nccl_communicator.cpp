@@ -67,28 +67,49 @@ NcclCommunicator::NcclCommunicator(std::shared_ptr<NcclState> state, int rank, i
     : Communicator(rank, size, at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device_index)), timeout_s),
       state_(std::move(state)),
       device_index_(static_cast<c10::DeviceIndex>(device_index)),
-      stream_(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device_index_)),
+      owned_stream_(device_index_),
+      stream_(c10::cuda::getStreamFromExternal(owned_stream_.raw, device_index_)),
       watchdog_(std::make_unique<NcclWatchdog>(state_, device_index_)) {}
+
+NcclCommunicator::OwnedStream::OwnedStream(c10::DeviceIndex device) {
+  c10::cuda::CUDAGuard guard(device);
+  int least = 0, greatest = 0;
+  C10_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  C10_CUDA_CHECK(cudaStreamCreateWithPriority(&raw, cudaStreamNonBlocking, greatest));
+}
+
+NcclCommunicator::OwnedStream::~OwnedStream() {
+  if (raw != nullptr) cudaStreamDestroy(raw);  // never throws; CUDA waits for its pending work
+}
 
 NcclCommunicator::~NcclCommunicator() {
   watchdog_.reset();  // joins its thread (it holds no tensors: the Works do)
-  try {
-    c10::cuda::CUDAGuard guard(device_index_);
-    std::lock_guard<std::mutex> lock(state_->mu);
-    if (state_->comm == nullptr) return;
-    // Finalize flushes pending operations, then destroy. Bounded: a process must be able to
-    // exit even when a peer is gone (a failed finalize aborts the communicator).
-    nccl_check(ncclCommFinalize(state_->comm), who() + ": ncclCommFinalize");
-    nccl_wait_ready_locked(*state_, who() + ": ncclCommFinalize", deadline_after(std::min(timeout_s(), 10.0)));
-    ncclCommDestroy(state_->comm);
+  // Not closed: abort (local; never waits for peers, so a process can always exit).
+  std::lock_guard<std::mutex> lock(state_->mu);
+  if (state_->comm != nullptr) {
+    ncclCommAbort(state_->comm);
     state_->comm = nullptr;
-  } catch (...) {  // a destructor never throws; a failed finalize aborted the communicator
   }
 }
 
 void NcclCommunicator::abort() {
+  state_->abort_requested = true;  // an enqueue polling under the lock gives up now
   std::lock_guard<std::mutex> lock(state_->mu);
   state_->fail_locked(who() + ": the communicator was aborted", false);
+}
+
+void NcclCommunicator::close(std::optional<double> timeout_s) {
+  c10::cuda::CUDAGuard guard(device_index_);
+  std::lock_guard<std::mutex> lock(state_->mu);
+  if (state_->comm == nullptr) return;  // already closed or aborted
+  const std::string what = who() + ": close (ncclCommFinalize)";
+  // Finalize flushes this communicator's pending operations (which needs the peers), then
+  // destroy frees it. Past the deadline the poll aborts it and raises CommTimeout.
+  nccl_check(ncclCommFinalize(state_->comm), what);
+  nccl_wait_ready_locked(*state_, what, deadline_after(timeout_s.value_or(this->timeout_s())));
+  ncclCommDestroy(state_->comm);
+  state_->comm = nullptr;
+  if (state_->error.empty()) state_->error = who() + ": the communicator was closed";
 }
 
 void NcclCommunicator::check() {

@@ -47,6 +47,10 @@ void nccl_wait_ready_locked(NcclState& state, const std::string& what, Clock::ti
       state.fail_locked(message, false);
       state.raise_if_failed_locked();
     }
+    if (state.abort_requested) {
+      state.fail_locked(state.who + ": the communicator was aborted (during " + what + ")", false);
+      state.raise_if_failed_locked();
+    }
     if (Clock::now() > deadline) {
       state.fail_locked(what + ": timed out waiting for NCCL", true);
       state.raise_if_failed_locked();

@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <mutex>
@@ -23,6 +24,9 @@ struct NcclState {
   std::string error;  // the first error (empty while healthy)
   bool timed_out = false;
   std::string who;  // "rank 1 of 4"
+  // Set without the lock by abort() from any thread: a poll loop holding mu sees it and fails
+  // at once, so abort() never waits for an enqueue that waits for NCCL.
+  std::atomic<bool> abort_requested{false};
 
   // Under mu: records the first error and aborts the communicator (pending GPU work is
   // cancelled, later calls raise).

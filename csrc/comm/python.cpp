@@ -65,6 +65,8 @@ void bind(py::module_& m) {
       .def("synchronize", &Work::synchronize, py::arg("timeout") = py::none(), Release(),
            "Block the host until done, on every backend.")
       .def("is_completed", &Work::is_completed, Release())
+      .def("wait_for", &Work::wait_for, py::arg("timeout"), Release(),
+           "Block the host up to timeout s; return is_completed() (never raises).")
       .def_property_readonly("what", &Work::what)
       .def("__repr__", [](const Work& w) { return "<tandem.comm.Work " + w.what() + ">"; });
 
@@ -95,6 +97,7 @@ void bind(py::module_& m) {
            })
       .def("fork", &Communicator::fork, Release())
       .def("abort", &Communicator::abort, Release())
+      .def("close", &Communicator::close, py::arg("timeout") = py::none(), Release())
       .def("check", &Communicator::check, Release());
 
   m.def("_c10d_communicator",

@@ -1,8 +1,11 @@
 #pragma once
 // Work: the handle of one in-flight communication operation.
+#include <algorithm>
+#include <chrono>
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 
 namespace tandem::comm {
 
@@ -23,6 +26,12 @@ class Work {
   virtual void synchronize(std::optional<double> timeout_s) = 0;
   // Non-blocking: has the operation finished (successfully or not)?
   virtual bool is_completed() = 0;
+  // Blocks the host for at most timeout_s; returns is_completed(). Never raises, never
+  // disturbs the operation: a caller waits in slices and checks other things in between.
+  virtual bool wait_for(double timeout_s);
+  // Gives up on the operation (c10d: aborts the posted send/recv so that no thread stays
+  // blocked on it; NCCL: nothing, the communicator's watchdog owns its deadline).
+  virtual void cancel() {}
 
   // "rank 1 of 4: all_reduce of float[8, 16]" (what the error messages say).
   const std::string& what() const { return what_; }
@@ -46,6 +55,18 @@ class CompletedWork final : public Work {
   void wait(std::optional<double>) override {}
   void synchronize(std::optional<double>) override {}
   bool is_completed() override { return true; }
+  bool wait_for(double) override { return true; }
 };
+
+inline bool Work::wait_for(double timeout_s) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  auto pause = std::chrono::microseconds(2);
+  while (!is_completed()) {
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, std::chrono::microseconds(500));
+  }
+  return true;
+}
 
 }  // namespace tandem::comm

@@ -1,14 +1,31 @@
 // StageLink: see stage_link.h.
 #include "p2p/stage_link.h"
 
+#include <cstdio>
+
 #include "comm/errors.h"
 
 namespace tandem::p2p {
 
+using Clock = std::chrono::steady_clock;
+
+// One receive: posted by the caller, put on the wire in order, waited for once.
+struct PostedRecv {
+  int direction = 0;  // 0: forward (from prev), 1: backward (from next)
+  std::string what;   // "stage 1: recv_forward from stage 0"
+  bool needs_header = false;
+  std::optional<TensorMeta> meta;
+  at::Tensor header;  // int64 [kHeaderLen]
+  comm::WorkPtr header_work;
+  at::Tensor buf;  // the tensor, once on the wire
+  comm::WorkPtr work;
+  bool taken = false;
+};
+
 namespace {
 
-constexpr size_t kPoolSize = 4;             // static-mode receive buffers per direction
-constexpr size_t kMaxPendingSends = 64;     // beyond this a send waits for the oldest
+constexpr size_t kPoolSize = 4;          // static-mode receive buffers per direction
+constexpr size_t kMaxPendingSends = 64;  // beyond this a send waits for the oldest
 
 // Re-raises a communication error with the link's words in front (stage, peer, operation).
 template <class F>
@@ -22,6 +39,19 @@ auto guarded(const std::string& what, F&& f) -> decltype(f()) {
   }
 }
 
+std::string seconds(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.3g s", s);
+  return buf;
+}
+
+// The fork that carries edge from -> to (see stage_link.h): a rank's incoming and outgoing
+// edges along a chain or ring of rank +-1 steps get different ones.
+int edge_color(int from, int to, int size) {
+  if (size % 2 == 1 && from == size - 1 && to == 0) return 2;
+  return from % 2;
+}
+
 }  // namespace
 
 ShapeMode parse_shape_mode(const std::string& name) {
@@ -30,14 +60,30 @@ ShapeMode parse_shape_mode(const std::string& name) {
   TORCH_CHECK_VALUE(false, "tandem.comm.StageLink: shapes must be \"static\" or \"dynamic\", got \"", name, "\"");
 }
 
+// --- RecvHandle -----------------------------------------------------------------------------
+
+RecvHandle::RecvHandle(std::shared_ptr<StageLink> link, std::shared_ptr<PostedRecv> recv)
+    : link_(std::move(link)), recv_(std::move(recv)) {}
+
+bool RecvHandle::is_completed() { return link_->is_completed(*recv_); }
+
+at::Tensor RecvHandle::wait(std::optional<double> timeout_s) {
+  return link_->wait(*recv_, timeout_s.value_or(link_->timeout_s()));
+}
+
+const std::string& RecvHandle::what() const { return recv_->what; }
+
+// --- StageLink ------------------------------------------------------------------------------
+
 StageLink::StageLink(comm::CommunicatorPtr comm, std::optional<int> prev, std::optional<int> next, ShapeMode mode,
-                     double timeout_s)
+                     double timeout_s, ErrorBoard board)
     : stage_(comm ? comm->rank() : -1),
       prev_(prev),
       next_(next),
       mode_(mode),
       timeout_s_(timeout_s),
-      device_(comm ? comm->device() : at::Device(at::kCPU)) {
+      device_(comm ? comm->device() : at::Device(at::kCPU)),
+      board_(std::move(board)) {
   TORCH_CHECK_VALUE(comm, "tandem.comm.StageLink: the communicator is None");
   TORCH_CHECK_VALUE(timeout_s > 0, "tandem.comm.StageLink: timeout must be positive, got ", timeout_s, " s");
   for (auto [name, peer] : {std::pair{"prev_rank", prev}, std::pair{"next_rank", next}}) {
@@ -45,12 +91,17 @@ StageLink::StageLink(comm::CommunicatorPtr comm, std::optional<int> prev, std::o
                       "tandem.comm.StageLink (stage ", stage_, "): ", name, "=", peer.value_or(-1),
                       " must be another rank of the group (0..", comm->size() - 1, ") or None");
   }
-  fwd_ = comm->fork();
-  bwd_ = comm->fork();
-  send_fwd_ = Direction{fwd_, next, "send_forward", "last", std::nullopt, {}};
-  recv_fwd_ = Direction{fwd_, prev, "recv_forward", "first", std::nullopt, {}};
-  send_bwd_ = Direction{bwd_, prev, "send_backward", "first", std::nullopt, {}};
-  recv_bwd_ = Direction{bwd_, next, "recv_backward", "last", std::nullopt, {}};
+  const int n = comm->size();
+  const int colors = n % 2 == 0 ? 2 : 3;  // the same on every rank: forks stay collective
+  for (int c = 0; c < colors; ++c) fwd_.push_back(comm->fork());
+  for (int c = 0; c < colors; ++c) bwd_.push_back(comm->fork());
+  const int me = stage_;
+  const int in_color = prev ? edge_color(*prev, me, n) : 0;   // edge prev -> me
+  const int out_color = next ? edge_color(me, *next, n) : 0;  // edge me -> next
+  send_fwd_ = Direction{fwd_[out_color], next, "send_forward", "last"};
+  recv_fwd_ = Direction{fwd_[in_color], prev, "recv_forward", "first"};
+  send_bwd_ = Direction{bwd_[in_color], prev, "send_backward", "first"};  // edge prev -> me, reversed
+  recv_bwd_ = Direction{bwd_[out_color], next, "recv_backward", "last"};
 }
 
 std::string StageLink::describe(const Direction& d) const {
@@ -63,6 +114,8 @@ void StageLink::require_peer(const Direction& d) const {
   TORCH_CHECK_VALUE(d.peer.has_value(), "tandem.comm.StageLink (stage ", stage_, "): ", d.op, ": this is the ",
                     d.role, " stage (", d.role[0] == 'l' ? "next_rank" : "prev_rank", " is None)");
 }
+
+// --- sends ------------------------------------------------------------------------------------
 
 void StageLink::reap_sends() {
   while (!pending_.empty() && (pending_.front().work->is_completed() || pending_.size() > kMaxPendingSends)) {
@@ -79,14 +132,15 @@ void StageLink::post_send(Direction& d, const at::Tensor& t) {
   const TensorMeta meta = meta_of(t, "tandem.comm.StageLink (" + what + ")");
   TORCH_CHECK_VALUE(t.device() == device_, "tandem.comm.StageLink (", what, "): tensor is on ", t.device(),
                     " but the link's communicator is on ", device_);
-  std::vector<comm::P2POp> ops;
-  const bool handshake = mode_ == ShapeMode::kDynamic || !d.agreed;
   if (mode_ == ShapeMode::kStatic && d.agreed && *d.agreed != meta) {
-    TORCH_CHECK_VALUE(false, "tandem.comm.StageLink (", what, "): tensor ", meta.str(),
-                      " does not match the static shape agreed on first use, ", d.agreed->str(),
-                      "; use shapes=\"dynamic\" for tensors whose shape changes");
+    const std::string message = "tandem.comm.StageLink (" + what + "): tensor " + meta.str() +
+                                " does not match the static shape agreed on first use, " + d.agreed->str() +
+                                "; use shapes=\"dynamic\" for tensors whose shape changes";
+    board_.post(message);  // the receiver raises it too, instead of waiting for its timeout
+    TORCH_CHECK_VALUE(false, message);
   }
-  if (handshake) {
+  std::vector<comm::P2POp> ops;
+  if (mode_ == ShapeMode::kDynamic || !d.agreed) {
     at::Tensor header = encode_header(meta);  // int64 [kHeaderLen]: ndim, dtype, shape
     if (!device_.is_cpu()) header = header.pin_memory().to(device_, /*non_blocking=*/true);
     ops.push_back(comm::P2POp{comm::P2PKind::kSend, header, *d.peer});
@@ -96,6 +150,19 @@ void StageLink::post_send(Direction& d, const at::Tensor& t) {
   if (mode_ == ShapeMode::kStatic && !d.agreed) d.agreed = meta;
   for (auto& w : works) pending_.push_back(PendingSend{std::move(w), what});
 }
+
+void StageLink::send_forward(const at::Tensor& activation) { post_send(send_fwd_, activation); }
+void StageLink::send_backward(const at::Tensor& grad) { post_send(send_bwd_, grad); }
+
+void StageLink::wait_sends(std::optional<double> timeout_s) {
+  while (!pending_.empty()) {
+    PendingSend p = std::move(pending_.front());
+    pending_.pop_front();
+    guarded(p.what, [&] { p.work->wait(timeout_s.value_or(timeout_s_)); });
+  }
+}
+
+// --- receives ---------------------------------------------------------------------------------
 
 at::Tensor StageLink::acquire_buffer(Direction& d, const TensorMeta& meta) {
   const auto options = at::TensorOptions().dtype(meta.dtype).device(device_);
@@ -109,58 +176,136 @@ at::Tensor StageLink::acquire_buffer(Direction& d, const TensorMeta& meta) {
   return b;
 }
 
-at::Tensor StageLink::receive(Direction& d, double timeout_s) {
+std::shared_ptr<RecvHandle> StageLink::post_recv(Direction& d) {
   require_peer(d);
-  const std::string what = describe(d);
+  if (!d.failed.empty()) throw comm::CommError(describe(d) + ": an earlier receive failed (" + d.failed + ")");
   reap_sends();
-  TensorMeta meta;
-  if (mode_ == ShapeMode::kStatic && d.agreed) {
-    meta = *d.agreed;
-  } else {
-    // int64 [kHeaderLen] from the peer; the host needs it to size the tensor
-    at::Tensor header = at::empty({kHeaderLen}, at::TensorOptions().dtype(at::kLong).device(device_));
-    guarded(what, [&] {
-      auto w = d.comm->recv(header, *d.peer);
-      w->synchronize(timeout_s);
-      w->wait(timeout_s);  // CUDA: order the copy below after the comm stream
-    });
-    meta = decode_header(header.cpu(), "tandem.comm.StageLink (" + what + ")");
-    if (mode_ == ShapeMode::kStatic) d.agreed = meta;
-  }
-  at::Tensor out = mode_ == ShapeMode::kStatic
-                       ? acquire_buffer(d, meta)
-                       : at::empty(meta.shape, at::TensorOptions().dtype(meta.dtype).device(device_));
-  guarded(what, [&] { d.comm->recv(out, *d.peer)->wait(timeout_s); });
-  return out;
+  auto r = std::make_shared<PostedRecv>();
+  r->direction = &d == &recv_fwd_ ? 0 : 1;
+  r->what = describe(d);
+  if (mode_ == ShapeMode::kDynamic || (!d.agreed && !d.handshake_posted)) {
+    r->needs_header = true;
+    d.handshake_posted = true;
+  } else if (d.agreed) {
+    r->meta = d.agreed;
+  }  // else: static, behind the handshake: the header's meta, once it lands
+  d.queued.push_back(r);
+  progress(d);
+  return std::make_shared<RecvHandle>(shared_from_this(), r);
 }
 
-void StageLink::send_forward(const at::Tensor& activation) { post_send(send_fwd_, activation); }
-at::Tensor StageLink::recv_forward(std::optional<double> timeout_s) {
-  return receive(recv_fwd_, timeout_s.value_or(timeout_s_));
+std::shared_ptr<RecvHandle> StageLink::irecv_forward() { return post_recv(recv_fwd_); }
+std::shared_ptr<RecvHandle> StageLink::irecv_backward() { return post_recv(recv_bwd_); }
+
+void StageLink::progress(Direction& d) {
+  while (!d.queued.empty()) {
+    PostedRecv& r = *d.queued.front();
+    if (!r.meta && !r.needs_header) r.meta = d.agreed;  // the handshake ahead of it landed
+    if (!r.meta) {
+      if (!r.header_work) {
+        // int64 [kHeaderLen] from the peer; the host needs it to size the tensor
+        r.header = at::empty({kHeaderLen}, at::TensorOptions().dtype(at::kLong).device(device_));
+        r.header_work = guarded(r.what, [&] { return d.comm->recv(r.header, *d.peer); });
+      }
+      if (!r.header_work->is_completed()) return;
+      guarded(r.what, [&] {
+        r.header_work->synchronize(timeout_s_);  // completed: raises its error, if any
+        r.header_work->wait(timeout_s_);         // CUDA: order the copy below after the comm stream
+      });
+      r.meta = decode_header(r.header.cpu(), "tandem.comm.StageLink (" + r.what + ")");
+      if (mode_ == ShapeMode::kStatic) d.agreed = r.meta;
+    }
+    r.buf = mode_ == ShapeMode::kStatic
+                ? acquire_buffer(d, *r.meta)
+                : at::empty(r.meta->shape, at::TensorOptions().dtype(r.meta->dtype).device(device_));
+    r.work = guarded(r.what, [&] { return d.comm->recv(r.buf, *d.peer); });
+    d.queued.pop_front();
+  }
 }
-void StageLink::send_backward(const at::Tensor& grad) { post_send(send_bwd_, grad); }
+
+bool StageLink::is_completed(PostedRecv& r) {
+  if (r.taken) return true;
+  Direction& d = r.direction == 0 ? recv_fwd_ : recv_bwd_;
+  if (!r.work) {
+    try {
+      progress(d);
+    } catch (const std::exception&) {
+      return true;  // wait() raises it
+    }
+  }
+  return r.work && r.work->is_completed();
+}
+
+void StageLink::await(comm::Work& work, const std::string& what, double limit_s, Clock::time_point deadline,
+                      bool host) {
+  try {
+    if (!host) {  // CUDA: the current stream waits; the watchdog owns the deadline
+      board_.check(false);
+      work.wait(limit_s);
+      return;
+    }
+    while (!work.wait_for(std::chrono::duration<double>(ErrorBoard::kCheckInterval).count())) {
+      board_.check(false);
+      if (Clock::now() >= deadline) {
+        board_.check(true);  // a peer's posted error explains the silence
+        work.cancel();
+        throw comm::CommTimeout("timed out after " + seconds(limit_s));
+      }
+    }
+    work.wait(limit_s);  // completed: raises its error, if any
+  } catch (const comm::CommTimeout& e) {
+    throw comm::CommTimeout(what + ": " + e.what());
+  } catch (const comm::CommError& e) {
+    try {
+      board_.check(true);  // a peer's posted error explains ours
+    } catch (const comm::CommError& posted) {
+      throw comm::CommError(what + ": a stage reported: " + posted.what());
+    }
+    throw comm::CommError(what + ": " + e.what());
+  }
+}
+
+at::Tensor StageLink::wait(PostedRecv& r, double timeout_s) {
+  TORCH_CHECK(!r.taken, "tandem.comm.StageLink (", r.what, "): this receive was already waited for");
+  Direction& d = r.direction == 0 ? recv_fwd_ : recv_bwd_;
+  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                           std::chrono::duration<double>(timeout_s));
+  try {
+    progress(d);
+    while (!r.work) {  // queued: the head of the queue waits for its header
+      PostedRecv& head = *d.queued.front();
+      await(*head.header_work, head.what, timeout_s, deadline, /*host=*/true);
+      progress(d);
+    }
+    await(*r.work, r.what, timeout_s, deadline, /*host=*/device_.is_cpu());
+  } catch (const comm::CommError& e) {
+    if (d.failed.empty()) d.failed = e.what();
+    r.taken = true;
+    throw;
+  }
+  r.taken = true;
+  r.work.reset();
+  return std::move(r.buf);
+}
+
+at::Tensor StageLink::recv_forward(std::optional<double> timeout_s) {
+  return irecv_forward()->wait(timeout_s);
+}
+
 at::Tensor StageLink::recv_backward(std::optional<double> timeout_s) {
-  return receive(recv_bwd_, timeout_s.value_or(timeout_s_));
+  return irecv_backward()->wait(timeout_s);
 }
 
 at::Tensor StageLink::send_forward_recv_backward(const at::Tensor& activation, std::optional<double> timeout_s) {
   require_peer(recv_bwd_);
-  post_send(send_fwd_, activation);                               // forward communicator: does not wait
-  return receive(recv_bwd_, timeout_s.value_or(timeout_s_));      // for this recv on the backward one
+  post_send(send_fwd_, activation);  // a bad tensor raises before anything is posted
+  return irecv_backward()->wait(timeout_s);
 }
 
 at::Tensor StageLink::send_backward_recv_forward(const at::Tensor& grad, std::optional<double> timeout_s) {
   require_peer(recv_fwd_);
   post_send(send_bwd_, grad);
-  return receive(recv_fwd_, timeout_s.value_or(timeout_s_));
-}
-
-void StageLink::wait_sends(std::optional<double> timeout_s) {
-  while (!pending_.empty()) {
-    PendingSend p = std::move(pending_.front());
-    pending_.pop_front();
-    guarded(p.what, [&] { p.work->wait(timeout_s.value_or(timeout_s_)); });
-  }
+  return irecv_forward()->wait(timeout_s);
 }
 
 }  // namespace tandem::p2p

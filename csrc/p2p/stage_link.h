@@ -2,18 +2,24 @@
 // StageLink: the send/recv runtime between adjacent pipeline stages.
 //
 // Forward traffic (activations, stage i -> i+1) and backward traffic (gradients, stage
-// i -> i-1) run on two forks of the communicator (NCCL: separate communicators and
-// streams; c10d: separate tags), so a pending recv in one direction never blocks a send in
-// the other, even at pp=2 where the previous and the next stage are the same rank. Sends
-// are asynchronous (kept alive here until they complete); receives return the tensor.
+// i -> i-1) run on separate forks of the communicator, and so do a rank's incoming and
+// outgoing edges of each: the edge a -> a+1 gets fork (a mod 2), the wrap-around edge of an
+// odd ring a third one. So a pending receive never blocks a send on the same rank (NCCL:
+// separate communicators and streams; c10d: separate tags), at pp=2 where prev and next
+// are the same rank, and around a ring. (Neighbours other than rank +-1 may share a fork.)
+//
+// Sends are asynchronous (kept alive here until they complete). Receives are posted early
+// with irecv_* and return a RecvHandle; messages of one direction match in posting order.
 //
 // Shapes: "dynamic" sends an int64 header (ndim, dtype, shape) before each tensor;
 // "static" sends it once per direction (a handshake on first use), then preallocated
-// receive buffers are reused and a later shape/dtype change is an error.
+// receive buffers are reused, and a later shape/dtype change is an error on the sender,
+// which posts it on the error board so that the receiver raises it too.
 #include <deque>
 #include <optional>
 
 #include "comm/communicator.h"
+#include "p2p/error_board.h"
 #include "p2p/tensor_meta.h"
 
 namespace tandem::p2p {
@@ -22,18 +28,42 @@ enum class ShapeMode { kStatic, kDynamic };
 
 ShapeMode parse_shape_mode(const std::string& name);  // "static" | "dynamic"
 
-class StageLink {
+class StageLink;
+struct PostedRecv;
+
+// One posted receive.
+class RecvHandle {
+ public:
+  RecvHandle(std::shared_ptr<StageLink> link, std::shared_ptr<PostedRecv> recv);
+  // Non-blocking: has the tensor landed (or the receive failed)? Also moves the link's
+  // queued receives onto the wire when their headers arrived.
+  bool is_completed();
+  // The received tensor (CPU: received; CUDA: ordered on the current stream). At most
+  // timeout_s (default: the link's); raises CommTimeout / CommError naming this stage, the
+  // peer and the operation. Once per handle.
+  at::Tensor wait(std::optional<double> timeout_s);
+  const std::string& what() const;
+
+ private:
+  std::shared_ptr<StageLink> link_;
+  std::shared_ptr<PostedRecv> recv_;
+};
+
+class StageLink : public std::enable_shared_from_this<StageLink> {
  public:
   // prev/next: ranks in comm's group (nullopt at the first / last stage). Collective: every
   // rank of the group builds its StageLink (they fork the communicator), in the same order.
+  // board: where a failing stage posts its error and waiting stages look (default: local).
   StageLink(comm::CommunicatorPtr comm, std::optional<int> prev, std::optional<int> next, ShapeMode mode,
-            double timeout_s);
+            double timeout_s, ErrorBoard board = ErrorBoard());
 
   // timeout_s: this call's limit on each wait (default: the link's).
-  void send_forward(const at::Tensor& activation);                      // to next
-  at::Tensor recv_forward(std::optional<double> timeout_s);              // from prev
-  void send_backward(const at::Tensor& grad);                           // to prev
-  at::Tensor recv_backward(std::optional<double> timeout_s);             // from next
+  void send_forward(const at::Tensor& activation);  // to next
+  void send_backward(const at::Tensor& grad);       // to prev
+  std::shared_ptr<RecvHandle> irecv_forward();      // from prev
+  std::shared_ptr<RecvHandle> irecv_backward();     // from next
+  at::Tensor recv_forward(std::optional<double> timeout_s);
+  at::Tensor recv_backward(std::optional<double> timeout_s);
   // Both directions in flight at once: send to next, receive the gradient from next.
   at::Tensor send_forward_recv_backward(const at::Tensor& activation, std::optional<double> timeout_s);
   // Send the gradient to prev, receive the next activation from prev.
@@ -41,6 +71,8 @@ class StageLink {
   // Waits for every pending send (CPU: the host blocks; CUDA: the current stream waits), so
   // the sent tensors may be modified afterwards.
   void wait_sends(std::optional<double> timeout_s);
+  // Posts `message` on the error board: every stage waiting on this link's board raises it.
+  void post_error(const std::string& message) { board_.post(message); }
 
   int stage() const { return stage_; }
   std::optional<int> prev() const { return prev_; }
@@ -48,16 +80,22 @@ class StageLink {
   ShapeMode mode() const { return mode_; }
   double timeout_s() const { return timeout_s_; }
   size_t pending_sends() const { return pending_.size(); }
+  const std::string& board_key() const { return board_.key(); }
 
  private:
+  friend class RecvHandle;
+
   // Traffic in one direction with one peer.
   struct Direction {
     comm::CommunicatorPtr comm;
     std::optional<int> peer;
-    const char* op;        // "send_forward", "recv_forward", ...
-    const char* role;      // "last" / "first": which stage has no such peer
+    const char* op;                    // "send_forward", "recv_forward", ...
+    const char* role;                  // "last" / "first": which stage has no such peer
     std::optional<TensorMeta> agreed;  // static mode: the meta of the first tensor
+    bool handshake_posted = false;     // static mode: the first receive expects the header
     std::vector<c10::Storage> pool;    // static mode: memory of receive buffers
+    std::deque<std::shared_ptr<PostedRecv>> queued;  // receives not yet on the wire, in order
+    std::string failed;                // a receive failed: the order is lost, later ones fail
   };
   struct PendingSend {
     comm::WorkPtr work;
@@ -65,19 +103,27 @@ class StageLink {
   };
 
   void post_send(Direction& d, const at::Tensor& t);
-  at::Tensor receive(Direction& d, double timeout_s);
+  std::shared_ptr<RecvHandle> post_recv(Direction& d);
+  // Puts queued receives of d on the wire while their metadata is known (non-blocking).
+  void progress(Direction& d);
+  bool is_completed(PostedRecv& r);
+  at::Tensor wait(PostedRecv& r, double timeout_s);
+  // Waits for `work` until `deadline`, reading the error board meanwhile (host waits only).
+  void await(comm::Work& work, const std::string& what, double limit_s,
+             std::chrono::steady_clock::time_point deadline, bool host);
   at::Tensor acquire_buffer(Direction& d, const TensorMeta& meta);
   void reap_sends();
   std::string describe(const Direction& d) const;  // "stage 1: recv_forward from stage 0"
   void require_peer(const Direction& d) const;
 
-  comm::CommunicatorPtr fwd_;  // forward traffic
-  comm::CommunicatorPtr bwd_;  // backward traffic
+  std::vector<comm::CommunicatorPtr> fwd_;  // forward traffic, one fork per edge color
+  std::vector<comm::CommunicatorPtr> bwd_;  // backward traffic
   int stage_;
   std::optional<int> prev_, next_;
   ShapeMode mode_;
   double timeout_s_;
   at::Device device_;
+  ErrorBoard board_;
   Direction send_fwd_, recv_fwd_, send_bwd_, recv_bwd_;
   std::deque<PendingSend> pending_;
 };

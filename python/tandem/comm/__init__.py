@@ -11,7 +11,7 @@
 from tandem.comm._communicator import (DEFAULT_TIMEOUT, CommError, CommTimeoutError, Communicator,
                                        Work)
 from tandem.comm._overlap import column_parallel_backward, column_parallel_linear, row_parallel_linear
-from tandem.comm._stage_link import StageLink
+from tandem.comm._stage_link import RecvHandle, StageLink
 
 __all__ = [
     "Communicator",
@@ -20,6 +20,7 @@ __all__ = [
     "CommTimeoutError",
     "DEFAULT_TIMEOUT",
     "StageLink",
+    "RecvHandle",
     "row_parallel_linear",
     "column_parallel_backward",
     "column_parallel_linear",

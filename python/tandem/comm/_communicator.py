@@ -165,6 +165,15 @@ class Communicator:
         """Tear the communicator down: pending and later operations raise CommError."""
         self._impl.abort()
 
+    def close(self, timeout: Optional[float] = None) -> None:
+        """An orderly end (collective: every rank closes). NCCL: finalize, which waits for
+        this communicator's pending operations on every rank (at most ``timeout`` seconds,
+        default the communicator's; past it the communicator is aborted and
+        CommTimeoutError raised), then destroy. c10d: later operations raise; the group
+        stays the caller's. A communicator dropped without close() is aborted (local: it
+        never waits for peers)."""
+        self._impl.close(timeout)
+
     def check(self) -> None:
         """Raise the pending asynchronous error (NCCL), if any."""
         self._impl.check()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from typing import Optional
 
 from torch import Tensor
@@ -9,7 +10,30 @@ from torch import Tensor
 from tandem import _C
 from tandem.comm._communicator import DEFAULT_TIMEOUT, Communicator
 
-__all__ = ["StageLink"]
+__all__ = ["StageLink", "RecvHandle"]
+
+RecvHandle = _C.RecvHandle
+_links_per_group: collections.Counter = collections.Counter()
+
+
+def _default_board(comm: Communicator):
+    """(store, key) of the job's store, or (None, "") outside torch.distributed. The key is
+    the same on every rank of the group: the group's ranks and how many links this process
+    built on it before (construction is collective, in the same order)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return None, ""
+    from torch.distributed import distributed_c10d as c10d
+
+    try:
+        store = c10d._get_default_store()
+        ranks = tuple(dist.get_process_group_ranks(comm.group or dist.group.WORLD))
+    except (RuntimeError, ValueError, AttributeError):  # no store reachable: local checks only
+        return None, ""
+    n = _links_per_group[ranks]
+    _links_per_group[ranks] += 1
+    return store, "tandem/stagelink/" + "-".join(map(str, ranks)) + f"/{n}/error"
 
 
 class StageLink:
@@ -24,23 +48,35 @@ class StageLink:
     ``shapes="static"``: shape and dtype are agreed on the first message of each direction
     (a header travels once), receive buffers are preallocated and reused once the caller
     drops them, and a later tensor of another shape or dtype raises ValueError on the
-    sending stage (its peer then times out waiting). ``shapes="dynamic"``: an int64 header
-    (ndim, dtype, shape) precedes every tensor; the receiver waits for it on the host.
+    sending stage, which posts it on the error board: the receiving stage raises CommError
+    with the same message. ``shapes="dynamic"``: an int64 header (ndim, dtype, shape)
+    precedes every tensor; the receiver waits for it on the host.
 
     Sends return at once; the link keeps the tensor alive until the send completes. Do not
-    modify a sent tensor in place before :meth:`wait_sends`. Receives return the tensor
-    (CPU: received; CUDA: ordered on the current stream). Every wait is bounded by
-    ``timeout`` (seconds; a receive may pass its own ``timeout=``): a peer that never
-    answers raises CommTimeoutError (a TimeoutError) naming this stage, the peer stage and
-    the operation; a peer that dies raises CommError.
+    modify a sent tensor in place before :meth:`wait_sends`. ``irecv_forward()`` /
+    ``irecv_backward()`` post a receive and return a :class:`RecvHandle` (``wait()`` ->
+    tensor, ``is_completed()``): post early, compute, then wait. Receives of one direction
+    match the peer's sends in order. ``recv_*`` post and wait at once. Received tensors are
+    ready (CPU) or ordered on the current stream (CUDA). Every wait is bounded by
+    ``timeout`` (seconds; a wait may pass its own ``timeout=``): a peer that never answers
+    raises CommTimeoutError (a TimeoutError) naming this stage, the peer stage and the
+    operation; a peer that dies raises CommError; an error posted on the board (by
+    :meth:`post_error`, or a shape mismatch) raises CommError with it within ~20 ms.
+
+    The error board is a key in the job's torch.distributed store (``board_key``; pass
+    ``store=None, board_key=""`` outside torch.distributed, the default then).
     """
 
     def __init__(self, comm: Communicator, prev_rank: Optional[int], next_rank: Optional[int], *,
-                 shapes: str = "static", timeout: float = DEFAULT_TIMEOUT):
+                 shapes: str = "static", timeout: float = DEFAULT_TIMEOUT, store=None,
+                 board_key: Optional[str] = None):
         if not isinstance(comm, Communicator):
             raise TypeError(f"StageLink: comm must be a tandem.comm.Communicator, got {type(comm).__name__}")
         self.comm = comm
-        self._impl = _C._StageLink(comm._impl, prev_rank, next_rank, shapes, float(timeout))
+        if board_key is None:
+            store, board_key = _default_board(comm)
+        self._impl = _C._StageLink(comm._impl, prev_rank, next_rank, shapes, float(timeout),
+                                   store, board_key)
 
     @property
     def stage(self) -> int:
@@ -66,6 +102,23 @@ class StageLink:
     def pending_sends(self) -> int:
         """Sends issued and not yet known to be complete."""
         return self._impl.pending_sends
+
+    @property
+    def board_key(self) -> str:
+        """The store key of this link's error board ("" without one)."""
+        return self._impl.board_key
+
+    def post_error(self, message: str) -> None:
+        """Post ``message`` on the error board: peers waiting on this link raise it."""
+        self._impl.post_error(message)
+
+    def irecv_forward(self) -> RecvHandle:
+        """Post the receive of the next activation from the previous stage."""
+        return self._impl.irecv_forward()
+
+    def irecv_backward(self) -> RecvHandle:
+        """Post the receive of the next gradient from the next stage."""
+        return self._impl.irecv_backward()
 
     def send_forward(self, activation: Tensor) -> None:
         """Send an activation to the next stage."""
