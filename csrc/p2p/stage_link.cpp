@@ -223,6 +223,16 @@ void StageLink::progress(Direction& d) {
   }
 }
 
+void StageLink::progress() {
+  for (Direction* d : {&recv_fwd_, &recv_bwd_}) {
+    if (d->queued.empty() || !d->failed.empty()) continue;
+    try {
+      progress(*d);
+    } catch (const std::exception&) {  // the receive's wait() raises it
+    }
+  }
+}
+
 bool StageLink::is_completed(PostedRecv& r) {
   if (r.taken) return true;
   Direction& d = r.direction == 0 ? recv_fwd_ : recv_bwd_;

@@ -71,6 +71,9 @@ class StageLink : public std::enable_shared_from_this<StageLink> {
   // Waits for every pending send (CPU: the host blocks; CUDA: the current stream waits), so
   // the sent tensors may be modified afterwards.
   void wait_sends(std::optional<double> timeout_s);
+  // Puts queued receives on the wire whose headers have landed (non-blocking); call it
+  // between computations so that dynamic-shape data lands early.
+  void progress();
   // Posts `message` on the error board: every stage waiting on this link's board raises it.
   void post_error(const std::string& message) { board_.post(message); }
 

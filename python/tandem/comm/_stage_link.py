@@ -112,6 +112,11 @@ class StageLink:
         """Post ``message`` on the error board: peers waiting on this link raise it."""
         self._impl.post_error(message)
 
+    def progress(self) -> None:
+        """Put posted receives on the wire whose headers have landed (non-blocking; dynamic
+        shapes): call it between computations so that the data lands early."""
+        self._impl.progress()
+
     def irecv_forward(self) -> RecvHandle:
         """Post the receive of the next activation from the previous stage."""
         return self._impl.irecv_forward()

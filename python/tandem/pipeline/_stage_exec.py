@@ -81,28 +81,15 @@ class StageExec:
         return self.runner.p2p.take((K.RECV_B, self.stage, mb))
 
     def post_recv(self, a: Action) -> None:
-        runner = self.runner
-        peer = runner.layout.peer(a)
         key = (a.kind, a.stage, a.microbatch)
-        if a.kind is K.RECV_F:
-            meta = runner.known_shapes.get(key) if runner.shapes == "static" else None
-            runner.p2p.post_recv(key, peer, meta, what=str(a))
-        else:
-            out = self.outputs.get(a.microbatch)
-            if out is None:
-                raise PipelineError(f"{a} is posted before the forward of stage {a.stage}, "
-                                    "microbatch {a.microbatch}: its shape is unknown")
-            runner.p2p.post_recv(key, peer, (tuple(out.shape), out.dtype), what=str(a))
+        self.runner.p2p.post_recv(key, forward=a.kind is K.RECV_F, what=str(a))
 
     # --- compute ----------------------------------------------------------------------------
     def forward(self, mb: int) -> None:
         runner = self.runner
         if runner.p2p is not None:
-            runner.p2p.progress()
+            runner.p2p.link.progress()  # dynamic shapes: data behind a landed header goes out
         x = _as_leaf(self._input(mb))
-        key = (K.RECV_F, self.stage, mb)
-        if self.stage > 0 and self._neighbour(self.stage - 1) is None:
-            runner.known_shapes.setdefault(key, (tuple(x.shape), x.dtype))
         y = self.module(x)
         if self.last and self.train:
             loss = runner.loss_fn(y, self.chunks_tg[mb])
@@ -161,24 +148,9 @@ class StageExec:
 
     # --- data out ---------------------------------------------------------------------------
     def send(self, a: Action) -> None:
-        runner = self.runner
-        peer = runner.layout.peer(a)
-        if a.kind is K.SEND_F:
-            t = self.outputs[a.microbatch]
-            key = (K.RECV_F, a.stage + 1, a.microbatch)
-            known = runner.known_shapes.get(key)
-            header = runner.shapes == "dynamic" or known is None
-            if runner.shapes == "static":
-                if known is None:
-                    runner.known_shapes[key] = (tuple(t.shape), t.dtype)
-                elif known != (tuple(t.shape), t.dtype):
-                    raise ValueError(f"{a}: output {tuple(t.shape)} {t.dtype} differs from the "
-                                     f"first call's {known[0]} {known[1]}; with shapes that "
-                                     'change between calls use shapes="dynamic"')
-        else:
-            t = self.grad_in.pop(a.microbatch)
-            header = False
-        runner.p2p.send(t, peer, header=header, what=str(a))
+        forward = a.kind is K.SEND_F
+        t = self.outputs[a.microbatch] if forward else self.grad_in.pop(a.microbatch)
+        self.runner.p2p.send(t, forward=forward, what=str(a))
 
     # --- results ------------------------------------------------------------------------------
     def outputs_in_order(self) -> list:

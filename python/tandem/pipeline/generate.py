@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from tandem.pipeline._transport import P2P, ErrorBoard, PipelineError, wait
+from tandem.pipeline._transport import ErrorBoard, PipelineError, StageTraffic, wait
 
 __all__ = ["generate", "sharded_argmax"]
 
@@ -73,10 +73,6 @@ class _Stage:
                              "build the model with sequence_parallel=False for inference")
         # caches[i][j]: group i, j-th block of this stage; never leave this rank
         self.caches = [[b.attn.new_cache(n, max_len) for b in blocks] for n in groups]
-        first = self.layers[0]
-        self.hidden = (first.config.hidden_size if hasattr(first, "config")
-                       else first.attn.hidden_size)
-        self.dtype = next(module.parameters()).dtype
         self.tp = next((getattr(l, "tp") for l in self.layers if hasattr(l, "tp")), None)
 
     def run(self, x: Tensor, group: int, offset: int) -> Tensor:
@@ -129,17 +125,18 @@ def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, me
     prompt = prompt.to(device=device, dtype=torch.int64)
     board = ErrorBoard(f"generate{next(_generation_ids)}")
     who = f"pipeline rank {rank} (global rank {mesh.rank})"
-    link = P2P(mesh.pp_comm, board=board, timeout=timeout, device=device, who=who) if pp > 1 else None
+    # a ring: hidden states go to the next rank, the last rank's tokens wrap around to rank 0
+    link = StageTraffic(mesh.pp_comm, (rank - 1) % pp, (rank + 1) % pp, board=board, timeout=timeout,
+                        shapes="dynamic", who=who) if pp > 1 else None
     out = torch.zeros(batch, s0 + max_new_tokens, dtype=torch.int64, device=device)
     out[:, :s0] = prompt
     tokens: dict = {}  # (t, i) -> [b_i] next tokens, when pp == 1
     try:
         for t in range(max_new_tokens):
-            seq, offset = (s0, 0) if t == 0 else (1, s0 + t - 1)
+            offset = 0 if t == 0 else s0 + t - 1
             if link is not None and not first:  # post this step's receives early
                 for i, r in enumerate(rows):
-                    link.post_recv(("h", t, i), rank - 1, ((len(r), seq, st.hidden), st.dtype),
-                                   what=f"hidden states of group {i}, step {t}")
+                    link.post_recv(("h", t, i), forward=True, what=f"hidden states of group {i}, step {t}")
             noise = _gumbel(seed, t, batch, _vocab(stage_module), device) if last and temperature > 0 else None
             for i, r in enumerate(rows):
                 if first:
@@ -153,10 +150,9 @@ def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, me
                     x = link.take(("h", t, i))
                 y = st.run(x, i, offset)
                 if not last:
-                    link.send(y, rank + 1, header=False, what=f"hidden states of group {i}, step {t}")
+                    link.send(y, forward=True, what=f"hidden states of group {i}, step {t}")
                     if first and t + 1 < max_new_tokens:
-                        link.post_recv(("tok", t, i), pp - 1, ((len(r),), torch.int64),
-                                       what=f"tokens of group {i}, step {t}")
+                        link.post_recv(("tok", t, i), forward=True, what=f"tokens of group {i}, step {t}")
                     continue
                 scores = y[:, -1].float()  # (b_i, V/tp): the last position
                 if noise is not None:
@@ -172,7 +168,7 @@ def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, me
                     if link is None:
                         tokens[(t, i)] = tok
                     elif not first:
-                        link.send(tok, 0, header=False, what=f"tokens of group {i}, step {t}")
+                        link.send(tok, forward=True, what=f"tokens of group {i}, step {t}")
         if link is not None:
             link.finish()
             # every rank returns the tokens: the last stage has them all, the others add zeros

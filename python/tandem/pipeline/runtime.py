@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from tandem.pipeline._stage_exec import StageExec
-from tandem.pipeline._transport import P2P, ErrorBoard, PipelineError, wait
+from tandem.pipeline._transport import ErrorBoard, PipelineError, StageTraffic, wait
 from tandem.pipeline.ir import Action, ActionKind, TimelineRecord
 from tandem.pipeline.lower import lower
 from tandem.pipeline.schedules import Schedule
@@ -65,6 +65,19 @@ def _build_schedule(schedule, pp: int, m: int) -> Schedule:
     raise TypeError(f"PipelineRunner: schedule must be a Schedule or a Schedule class, got {schedule!r}")
 
 
+def _neighbours(layout, rank: int) -> tuple[Optional[int], Optional[int]]:
+    """The ranks this rank receives activations from and sends them to (None: none)."""
+    mine = layout.stages_of(rank)
+    prevs = {layout.rank_of(s - 1) for s in mine if s > 0} - {rank}
+    nexts = {layout.rank_of(s + 1) for s in mine if s + 1 < layout.num_stages} - {rank}
+    if len(prevs) > 1 or len(nexts) > 1:
+        raise ValueError(f"PipelineRunner: pipeline rank {rank} exchanges activations with ranks "
+                         f"{sorted(prevs)} (before it) and {sorted(nexts)} (after it); the runtime "
+                         "needs one previous and one next rank per pipeline rank, as looped "
+                         "layouts have (stage s on rank s % pp)")
+    return next(iter(prevs), None), next(iter(nexts), None)
+
+
 class PipelineRunner:
     """Runs pipeline steps of this rank's stage(s) with a schedule.
 
@@ -72,9 +85,13 @@ class PipelineRunner:
     ``schedule.layout.stages_of(pp_rank)``); a ``StageModule`` from ``split`` carries its
     stage index and tied weights. ``mesh``: the tp x pp x dp mesh (default: the default
     mesh, else one process). ``schedule``: a Schedule instance or class. ``loss_fn(output,
-    target) -> scalar`` on the last stage. ``shapes``: "static" (messages keep the shapes
-    of the first call: headers only then) or "dynamic" (a header before every activation).
-    ``timeout``: seconds any wait may take.
+    target) -> scalar`` on the last stage. ``shapes``: "static" (every activation between
+    stages keeps the shape and dtype of the first one, likewise every gradient: a header
+    travels once, receive buffers are reused; another shape raises on both ends) or
+    "dynamic" (a header before every message). ``timeout``: seconds any wait may take.
+
+    Messages travel over a C++ ``tandem.comm.StageLink`` (forward and backward traffic on
+    their own forks), receives posted as soon as the action list says.
     """
 
     def __init__(self, stage_module, *, mesh=None, schedule, loss_fn: Callable,
@@ -114,11 +131,11 @@ class PipelineRunner:
         self.device = self.mesh.device
         self.who = f"pipeline rank {rank} (global rank {self.mesh.rank})"
         self.p2p = None
-        if pp > 1:
-            self.p2p = P2P(self.mesh.pp_comm, board=self.board, timeout=timeout,
-                           device=self.device, who=self.who)
+        if pp > 1:  # collective over the pp group: every pipeline rank builds its link here
+            prev_rank, next_rank = _neighbours(self.layout, rank)
+            self.p2p = StageTraffic(self.mesh.pp_comm, prev_rank, next_rank, board=self.board,
+                                    timeout=timeout, shapes=shapes, who=self.who)
         self.stages = {s: StageExec(s, mod, self) for s, mod in zip(mine, modules)}
-        self.known_shapes: dict = {}
         self.timeline: list[TimelineRecord] = []
         self._events: list = []
 
@@ -267,14 +284,14 @@ class PipelineRunner:
                 else:
                     local[pair] = (param, grad)
                 continue
-            key = ("tied", pair, name)
-            self.p2p.post_recv(key, peer, (tuple(grad.shape), grad.dtype), what=f"tied gradient {name}")
-            self.p2p.send(grad, peer, header=False, what=f"tied gradient {name}")
-            theirs = self.p2p.take(key)
+            # grad [shape of the tied weight] <-> the other end's, on the pp group's own tag
+            theirs = torch.empty_like(grad)
+            works = self.mesh.pp_comm.batch_p2p([("recv", theirs, peer), ("send", grad.contiguous(), peer)])
+            for work in works:
+                wait(work, f"{self.who}: tied gradient {name} with rank {peer}", self.board,
+                     self.timeout)
             # a + b == b + a in floating point: both ends hold the same sum
             param.grad = grad + theirs if stage == pair[0] else theirs + grad
-        if self.p2p is not None:
-            self.p2p.finish()
 
     def _all_reduce_dp(self) -> None:
         if self.mesh.dp > 1:
