@@ -4,11 +4,14 @@ prediction and torch.distributed.pipelining, on the same GPT split, in the same 
     torchrun --standalone --nproc-per-node 2 benchmarks/bench_pipeline.py [--microbatches 2 4 8] [--json out.json]
 
 For each schedule and number of microbatches m, one row: tandem's median step time, the
-bubble of its measured timeline (all ranks, last timed step), the simulator's makespan and
-bubble for costs measured from that timeline (mean F, B, W per stage; messages cost 0),
-the runtime overhead per action (step time minus the simulated makespan, over the actions
-of a rank: what scheduling, messages and bookkeeping add), and torch.distributed.pipelining's median step time for the
-matching schedule (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B; none for ZB-H1).
+bubble of its measured timeline (all ranks, last timed step), the one-way time of one
+activation message (half the median round trip of a ping-pong between pipeline ranks 0 and
+1 over the runner's own StageLink, measured in the same run), the simulator's makespan and
+bubble for costs measured from that timeline (mean F, B, W per stage) with that message
+time, the runtime overhead per action (step time minus the simulated makespan, over the
+actions of a rank: what scheduling, posting messages and bookkeeping add), and
+torch.distributed.pipelining's median step time for the matching schedule (ScheduleGPipe,
+Schedule1F1B, ScheduleInterleaved1F1B; none for ZB-H1).
 Runs on CPU with gloo (and on GPUs with NCCL when launched on them). Every rank runs the
 whole table; rank 0 prints it.
 """
@@ -17,6 +20,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -58,8 +62,30 @@ def _time_steps(step, args, device) -> float:
     return float(t)
 
 
-def _costs(timeline, split_backward):
-    """Mean measured F, B, W seconds per stage, as simulator costs."""
+def _message_s(runner, mesh, shape, repeats=30) -> float:
+    """One-way seconds of one activation message between pipeline ranks 0 and 1: half the
+    median round trip of a ping-pong over the runner's StageLink (same shapes as a step's)."""
+    link = runner.p2p.link if runner.p2p is not None else None
+    x = torch.zeros(shape, device=mesh.device)
+    trips = []
+    dist.barrier()
+    for _ in range(repeats):
+        if mesh.pp_rank == 0 and link is not None:
+            t0 = time.perf_counter()
+            link.send_forward(x)
+            link.recv_backward()
+            trips.append(time.perf_counter() - t0)
+        elif mesh.pp_rank == 1:
+            link.send_backward(link.recv_forward())
+    if link is not None:
+        link.wait_sends()
+    t = torch.tensor([statistics.median(trips) / 2 if trips else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # rank 0's figure, everywhere
+    return float(t)
+
+
+def _costs(timeline, split_backward, comm_s=0.0):
+    """Mean measured F, B, W seconds per stage and the message time, as simulator costs."""
     per = {}
     for rec in timeline:
         if rec.kind.is_compute:
@@ -70,9 +96,9 @@ def _costs(timeline, split_backward):
         b = statistics.mean(per[stage, ActionKind.B])
         if split_backward:
             w = statistics.mean(per[stage, ActionKind.W])
-            costs[stage] = Costs(F=f, B=b, W=w)
+            costs[stage] = Costs(F=f, B=b, W=w, comm=comm_s)
         else:
-            costs[stage] = Costs(F=f, B=b / 2, W=b / 2)  # a full backward costs B + W
+            costs[stage] = Costs(F=f, B=b / 2, W=b / 2, comm=comm_s)  # a full backward costs B + W
     return costs
 
 
@@ -92,11 +118,14 @@ def run_tandem(args, mesh, name, m, data):
     dist.all_gather_object(timelines, timeline, group=mesh.pp_group)
     merged = [rec for tl in timelines for rec in tl]
     measured_bubble = bubble_fraction(merged, p)
-    sim = simulate(sched, _costs(merged, sched.split_backward))
+    b, s = ids.shape
+    comm_s = _message_s(runner, mesh, (b // m, s, args.hidden)) if p > 1 else 0.0
+    sim = simulate(sched, _costs(merged, sched.split_backward, comm_s))
     actions = max(len(tl) for tl in timelines)
-    overhead_us = max(ms / 1e3 - sim.makespan, 0.0) / actions * 1e6
-    return {"tandem_ms": ms, "bubble": measured_bubble, "sim_ms": sim.makespan * 1e3,
-            "sim_bubble": sim.bubble_fraction, "overhead_us": overhead_us}
+    overhead_us = (ms / 1e3 - sim.makespan) / actions * 1e6
+    return {"tandem_ms": ms, "bubble": measured_bubble, "message_us": comm_s * 1e6,
+            "sim_ms": sim.makespan * 1e3, "sim_bubble": sim.bubble_fraction,
+            "overhead_us": overhead_us}
 
 
 def run_torch(args, mesh, name, m, data):
@@ -161,6 +190,7 @@ def main():
                              batch=f"{args.batch}x{args.seq}")
     table = common.Table([common.Column("schedule", width=12), common.Column("m", width=3),
                           common.Column("tandem", "ms", 9, ".2f"), common.Column("bubble", "", 7, ".3f"),
+                          common.Column("msg", "us", 6, ".0f"),
                           common.Column("sim", "ms", 9, ".2f"), common.Column("sim_bub", "", 7, ".3f"),
                           common.Column("ovh/act", "us", 8, ".0f"),
                           common.Column("torch", "ms", 9, ".2f"), common.Column("vs_torch", "x", 8, ".2f")])
@@ -180,11 +210,31 @@ def main():
                        speedup=(torch_ms / row["tandem_ms"]) if torch_ms else None)
             results.append(row)
             if mesh.rank == 0:
-                print(table.row([name, m, row["tandem_ms"], row["bubble"], row["sim_ms"],
+                print(table.row([name, m, row["tandem_ms"], row["bubble"], row["message_us"], row["sim_ms"],
                                  row["sim_bubble"], row["overhead_us"], torch_ms, row["speedup"]]),
                       flush=True)
+    targets = []
+    if mesh.pp > 1 and results:
+        vs = [r["speedup"] for r in results if r["speedup"]]
+        # step time <= 0.9 x torch's  <=>  torch / tandem >= 1 / 0.9
+        targets.append(common.target_line("step time: torch.distributed.pipelining / tandem, worst row",
+                                          min(vs) if vs else None, 1 / 0.9))
+        # overhead <= 100 us  <=>  100 / overhead >= 1 (checked as a ratio to share the format)
+        worst = max(r["overhead_us"] for r in results)
+        targets.append(common.target_line(f"100 us / worst overhead per action ({worst:.0f} us)",
+                                          100.0 / worst if worst > 0 else float("inf"), 1.0))
+        gaps = [abs(r["bubble"] - r["sim_bubble"]) / r["sim_bubble"] for r in results if r["sim_bubble"] > 0]
+        worst_gap = max(gaps) if gaps else None
+        targets.append(common.target_line(
+            f"bubble within 10% of the simulator's: 0.10 / worst relative gap "
+            f"({'n/a' if worst_gap is None else f'{worst_gap:.2f}'})",
+            (0.10 / worst_gap if worst_gap else float("inf")) if worst_gap is not None else None, 1.0))
+    if mesh.rank == 0:
+        for t in targets:
+            print(t["line"], flush=True)
     if mesh.rank == 0 and args.json:
-        common.write_json(args.json, benchmark_name="bench_pipeline", env=env, results=results)
+        common.write_json(args.json, benchmark_name="bench_pipeline", env=env, results=results,
+                          targets=targets)
     dist.destroy_process_group()
 
 

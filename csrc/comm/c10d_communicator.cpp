@@ -141,7 +141,15 @@ class C10dWork final : public Work {
 
   bool wait_for(double timeout_s) override {
     if (done_ || !error_.empty()) return true;
-    if (!waiter_) return Work::wait_for(timeout_s);
+    if (!waiter_) {
+      // a collective: c10d's wait with a timeout raises when it expires without disturbing
+      // the operation (and raises a failed one's error: then it is completed too)
+      try {
+        work_->wait(std::max(to_ms(timeout_s), std::chrono::milliseconds(1)));
+      } catch (const std::exception&) {
+      }
+      return work_->isCompleted();
+    }
     std::unique_lock<std::mutex> lock(waiter_->mu);
     return waiter_->cv.wait_for(lock, std::chrono::duration<double>(timeout_s), [&] { return waiter_->finished; });
   }

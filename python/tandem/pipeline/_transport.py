@@ -74,19 +74,15 @@ def wait(work, what: str, board: ErrorBoard, timeout: float, *, host: bool = Tru
     if not host:
         work.wait()
         return
-    if not work.is_completed():
-        deadline = time.monotonic() + timeout
-        pause = 2e-5
-        while not work.is_completed():
-            board.check()
-            if time.monotonic() > deadline:
-                try:
-                    work.wait(0.001)  # aborts the operation; raises CommTimeoutError
-                except Exception as e:
-                    raise PipelineError(f"{what}: no answer within {timeout:g} s ({e})") from None
-                break
-            time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
+    deadline = time.monotonic() + timeout
+    while not work.wait_for(_CHECK_EVERY_S):  # the host blocks in C++, a slice at a time
+        board.check()
+        if time.monotonic() > deadline:
+            try:
+                work.wait(0.001)  # aborts the operation; raises CommTimeoutError
+            except Exception as e:
+                raise PipelineError(f"{what}: no answer within {timeout:g} s ({e})") from None
+            break
     try:
         work.wait()
     except Exception as e:
