@@ -2,7 +2,8 @@
 
 - tp=2 x pp=2, ZB-H1 (split B/W with TP collectives), tied embeddings: loss, every
   weight after 3 SGD steps, and the embedding and its copy on the last stage bitwise equal;
-- dp=2 x pp=2, interleaved 1F1B (two stages per rank): the same over 3 SGD steps;
+- dp=2 x pp=2, interleaved 1F1B (two stages per rank) and ZB-H1: the same over 3 SGD steps,
+  with the dp all-reduce of most gradient buckets started during the last backward;
 - pipelined greedy decoding equals GPT.generate token for token (tp=2 x pp=2, two request
   groups in flight), and sampled decoding equals the one-stage run with the same seed.
 
@@ -53,7 +54,7 @@ def _reference():
     return model, losses
 
 
-def _train(mesh, schedule, stage_ids, rows):
+def _train(mesh, schedule, stage_ids, rows, **runner_args):
     from tandem.nn import vocab_parallel_cross_entropy
     from tandem.pipeline import PipelineRunner, split
 
@@ -62,7 +63,7 @@ def _train(mesh, schedule, stage_ids, rows):
     stages = [split(model.layers(), num_stages, balance="uniform", stage=s) for s in stage_ids]
     runner = PipelineRunner(stages if len(stages) > 1 else stages[0], mesh=mesh, schedule=schedule,
                             loss_fn=lambda logits, t: vocab_parallel_cross_entropy(logits, t, mesh=mesh),
-                            num_microbatches=schedule.num_microbatches, timeout=60)
+                            num_microbatches=schedule.num_microbatches, timeout=60, **runner_args)
     opt = torch.optim.SGD(runner.parameters(), lr=LR)
     ids, targets = _data()
     ids, targets = ids[rows], targets[rows]
@@ -72,6 +73,8 @@ def _train(mesh, schedule, stage_ids, rows):
         losses.append(runner.step(ids if 0 in stage_ids else None,
                                   targets if num_stages - 1 in stage_ids else None))
         opt.step()
+        if runner.reducer is not None:  # dp: buckets all-reduced while the backward ran
+            assert runner.reducer.started_early >= 2, runner.reducer.started_early
     return stages, losses
 
 
@@ -130,14 +133,16 @@ def _worker(rank, world):
     assert torch.equal(sampled[:, :5], prompt) and int(sampled.max()) < 64
     out["greedy"] = got.tolist()
 
-    # --- dp=2 x pp=2, interleaved 1F1B with two stages per rank ---------------------------
+    # --- dp=2 x pp=2: interleaved 1F1B with two stages per rank, and ZB-H1 (deferred W) ------
+    # small buckets: most start their dp all-reduce during the stage's last backward
     mesh = tandem.init_mesh(tp=1, pp=2, dp=2)
-    sched = Interleaved1F1B(2, 2, virtual_stages=2)
     rows = slice(4 * mesh.dp_rank, 4 * mesh.dp_rank + 4)  # each replica its half of the batch
-    stages, losses = _train(mesh, sched, list(sched.layout.stages_of(mesh.pp_rank)), rows)
-    for got, want in zip(losses, ref_losses):
-        torch.testing.assert_close(got, want, msg="dp x pp loss")
-    _check_weights(stages, ref, mesh, "dp x pp")
+    for sched in (Interleaved1F1B(2, 2, virtual_stages=2), ZeroBubbleH1(2, 2)):
+        stages, losses = _train(mesh, sched, list(sched.layout.stages_of(mesh.pp_rank)), rows,
+                                dp_bucket_bytes=2048)
+        for got, want in zip(losses, ref_losses):
+            torch.testing.assert_close(got, want, msg=f"dp x pp loss, {sched}")
+        _check_weights(stages, ref, mesh, f"dp x pp, {sched}")
     return out
 
 

@@ -9,7 +9,8 @@
 Gradients accumulate in ``param.grad`` over the microbatches (each microbatch loss is
 scaled by 1/m, so they sum to the gradient of the mean loss). After the last action:
 tied weights (a tied embedding's copy on the last stage) exchange and sum their gradients,
-DP replicas average theirs, and the mean loss is all-reduced so that every rank of the
+DP replicas average theirs (every other gradient's dp all-reduce started during the stage's
+last backward, bucket by bucket, as soon as autograd finished the bucket), and the mean loss is all-reduced so that every rank of the
 pipeline returns it. Every wait is bounded by ``timeout``; a stage that raises posts its
 error on the job's store and every other rank stops with that error (PipelineError naming
 the stage, its rank and the action). A runner that failed refuses further calls with the
@@ -78,6 +79,17 @@ def _neighbours(layout, rank: int) -> tuple[Optional[int], Optional[int]]:
     return next(iter(prevs), None), next(iter(nexts), None)
 
 
+def _final_gradient_actions(actions) -> tuple[dict, dict]:
+    """{index of the last B of a stage: stage}, {index of its last B or W: stage}."""
+    last_b, last_grad = {}, {}
+    for i, a in enumerate(actions):
+        if a.kind is K.B:
+            last_b[a.stage] = i
+        if a.kind in (K.B, K.W):
+            last_grad[a.stage] = i
+    return {i: s for s, i in last_b.items()}, {i: s for s, i in last_grad.items()}
+
+
 class PipelineRunner:
     """Runs pipeline steps of this rank's stage(s) with a schedule.
 
@@ -89,13 +101,16 @@ class PipelineRunner:
     stages keeps the shape and dtype of the first one, likewise every gradient: a header
     travels once, receive buffers are reused; another shape raises on both ends) or
     "dynamic" (a header before every message). ``timeout``: seconds any wait may take.
+    ``dp_bucket_bytes``: with dp > 1, the size of the gradient buckets whose dp all-reduce
+    starts during the stage's last backward, as soon as autograd finished each bucket.
 
     Messages travel over a C++ ``tandem.comm.StageLink`` (forward and backward traffic on
     their own forks), receives posted as soon as the action list says.
     """
 
     def __init__(self, stage_module, *, mesh=None, schedule, loss_fn: Callable,
-                 num_microbatches: int, shapes: str = "static", timeout: float = 300.0):
+                 num_microbatches: int, shapes: str = "static", timeout: float = 300.0,
+                 dp_bucket_bytes: int = 32 << 20):
         from tandem.mesh import Mesh, get_mesh
 
         self.mesh = mesh if mesh is not None else (get_mesh() or Mesh.single())
@@ -136,6 +151,17 @@ class PipelineRunner:
             self.p2p = StageTraffic(self.mesh.pp_comm, prev_rank, next_rank, board=self.board,
                                     timeout=timeout, shapes=shapes, who=self.who)
         self.stages = {s: StageExec(s, mod, self) for s, mod in zip(mine, modules)}
+        self.reducer = None
+        if self.mesh.dp > 1:  # dp all-reduce of each stage's buckets during its last backward
+            from tandem.dp import OverlappedGradReducer
+
+            tied = {id(param) for ex in self.stages.values()
+                    for param, _ in getattr(ex.module, "tied", {}).values()}
+            self.reducer = OverlappedGradReducer(
+                [[p for p in ex.module.parameters() if id(p) not in tied] for ex in self.stages.values()],
+                self.mesh, bucket_bytes=dp_bucket_bytes)
+            self._group = {s: i for i, s in enumerate(self.stages)}
+            self._arm_at, self._flush_at = _final_gradient_actions(self.lowered)
         self.timeline: list[TimelineRecord] = []
         self._events: list = []
 
@@ -196,10 +222,19 @@ class PipelineRunner:
                          chunks_tg if ex.stage == last else None)
         except (ValueError, TypeError) as e:
             self._fail(f"{self.who}: step refused: {e}", e)
-        actions = self.lowered if train else [
-            a for a in self.lowered if a.kind in (K.F, K.SEND_F, K.RECV_F)]
-        for a in actions:
-            self._execute(a)
+        if train and self.reducer is not None:
+            self.reducer.reset_counters()
+            for i, a in enumerate(self.lowered):
+                if i in self._arm_at:  # this B's accumulations are the stage's last
+                    self.reducer.arm(self._group[self._arm_at[i]])
+                self._execute(a)
+                if i in self._flush_at:  # the stage's gradients are final
+                    self.reducer.flush_group(self._group[self._flush_at[i]])
+        else:
+            actions = self.lowered if train else [
+                a for a in self.lowered if a.kind in (K.F, K.SEND_F, K.RECV_F)]
+            for a in actions:
+                self._execute(a)
         if self.p2p is not None:
             self.p2p.finish()
 
@@ -294,10 +329,18 @@ class PipelineRunner:
             param.grad = grad + theirs if stage == pair[0] else theirs + grad
 
     def _all_reduce_dp(self) -> None:
-        if self.mesh.dp > 1:
-            from tandem.dp import all_reduce_grads
+        """Average over dp: wait for the buckets started during the backward, then the tied
+        weights (their gradients were summed between stages after the last action)."""
+        if self.reducer is None:
+            return
+        from tandem.dp import all_reduce_grads
 
-            all_reduce_grads(self.parameters(), self.mesh)
+        host = self.device.type != "cuda"
+        self.reducer.finish(lambda work, what: wait(work, f"{self.who}: {what}", self.board,
+                                                    self.timeout, host=host))
+        tied = [param for ex in self.stages.values()
+                for param, _ in getattr(ex.module, "tied", {}).values()]
+        all_reduce_grads(tied, self.mesh)
 
     def _share_loss(self) -> Tensor:
         last = self.stages.get(self.layout.num_stages - 1)
