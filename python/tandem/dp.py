@@ -46,11 +46,11 @@ def all_reduce_grads(params: Iterable[nn.Parameter], mesh: Optional[Mesh] = None
 
 
 class _Bucket:
-    __slots__ = ("params", "group", "waiting", "flat", "grads", "work")
+    __slots__ = ("params", "group", "ready", "flat", "grads", "work")
 
     def __init__(self, params, group):
         self.params, self.group = params, group
-        self.waiting = len(params)
+        self.ready: set[int] = set()  # ids of parameters whose gradient is final
         self.flat = self.grads = self.work = None
 
 
@@ -59,18 +59,21 @@ class OverlappedGradReducer:
 
     ``groups``: lists of parameters, each bucketed on its own (a pipeline stage's parameters
     form one group). Buckets hold parameters in reverse order (the order a backward
-    finishes them), one dtype each, at most ``bucket_bytes``. Between :meth:`arm` and the
-    end of a group's final backward, each parameter whose gradient autograd accumulates
-    marks itself ready (a post-accumulate-grad hook); a bucket whose parameters are all
-    ready starts its all-reduce on the dp communicator at once, overlapping the rest of the
-    backward. :meth:`flush_group` starts every bucket of a group not started yet (gradients
-    that arrive outside autograd: deferred weight gradients, or none at all). :meth:`finish`
-    waits for every all-reduce and writes the averages back. Every dp replica must run the
-    same backward (the same buckets start in the same order).
+    finishes them), one dtype each, at most ``bucket_bytes``. While a group is armed
+    (:meth:`arm` ... :meth:`disarm`, around the actions that bring its parameters' last
+    gradient contributions: the final backward, and with deferred weight gradients the
+    final W), a parameter whose gradient changes is final: autograd's post-accumulate-grad
+    hook and tandem.nn.wgrad's accumulation tell. A bucket whose parameters are all final
+    starts its all-reduce on the dp communicator at once, overlapping the rest of the work.
+    :meth:`flush_group` starts every bucket of a group not started yet (parameters that got
+    no gradient). :meth:`finish` waits for every all-reduce and writes the averages back.
+    Every dp replica must run the same backward (the same buckets start in the same order).
     """
 
     def __init__(self, groups: Sequence[Sequence[nn.Parameter]], mesh: Mesh,
                  bucket_bytes: int = _BUCKET_BYTES):
+        from tandem.nn import wgrad
+
         self.mesh = mesh
         self.groups: list[list[_Bucket]] = []
         self._bucket_of: dict[int, _Bucket] = {}
@@ -78,7 +81,7 @@ class OverlappedGradReducer:
         self._before: dict = {}  # id(param) -> (its .grad when armed, that grad's version)
         self._hooks = []
         self._started: list[_Bucket] = []
-        self.started_early = 0  # buckets started by the hooks in the last step
+        self.started_early = 0  # buckets started before flush_group in the last step
         for index, params in enumerate(groups):
             buckets, current, size = [], [], 0
             for p in reversed([p for p in params if p.requires_grad]):
@@ -95,25 +98,27 @@ class OverlappedGradReducer:
                 for p in b.params:
                     self._bucket_of[id(p)] = b
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        self._hooks.append(wgrad.on_accumulate(self._on_grad))
 
     def arm(self, group: int) -> None:
-        """The next gradients accumulated into ``group``'s parameters are final."""
+        """Gradients that change from now on in ``group`` are final."""
         self._armed.add(group)
         for b in self.groups[group]:
-            b.waiting = len(b.params)
             for p in b.params:  # what .grad is now: the hook also fires when nothing arrived
                 self._before[id(p)] = (p.grad, None if p.grad is None else p.grad._version)
+
+    def disarm(self, group: int) -> None:
+        self._armed.discard(group)
 
     def _on_grad(self, param) -> None:
         b = self._bucket_of.get(id(param))
         if b is None or b.work is not None or b.group not in self._armed:
             return
-        grad, version = self._before.pop(id(param), (None, None))
+        grad, version = self._before.get(id(param), (None, None))
         if param.grad is None or (param.grad is grad and param.grad._version == version):
-            self._before[id(param)] = (grad, version)
-            return  # no gradient accumulated (e.g. a deferred weight gradient: W brings it)
-        b.waiting -= 1
-        if b.waiting == 0:
+            return  # nothing arrived (a deferred weight gradient: W brings it)
+        b.ready.add(id(param))
+        if len(b.ready) == len(b.params):
             self._start(b)
             self.started_early += 1
 
@@ -128,7 +133,7 @@ class OverlappedGradReducer:
 
     def flush_group(self, group: int) -> None:
         """Start every bucket of ``group`` not started yet; its gradients are final."""
-        self._armed.discard(group)
+        self.disarm(group)
         for b in self.groups[group]:
             if b.work is None:
                 self._start(b)
@@ -151,6 +156,7 @@ class OverlappedGradReducer:
         for buckets in self.groups:
             for b in buckets:
                 b.flat = b.grads = b.work = None
+                b.ready.clear()
         self._started = []
         self._armed.clear()
         self._before.clear()

@@ -24,7 +24,7 @@ class _RowParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, comm, chunks):
         ctx.save_for_backward(input, weight)
-        ctx.has_bias, ctx.weight = bias is not None, weight
+        ctx.bias, ctx.weight = bias, weight
         return _C._row_parallel_linear_forward(input, weight, bias, _impl(comm), int(chunks))
 
     @staticmethod
@@ -40,8 +40,8 @@ class _RowParallelLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # (N, M) @ (M, K/tp) -> (N, K/tp), now or deferred to W (zero-bubble schedules)
             grad_weight = weight_grad(ctx.weight, lambda: g.t() @ input.reshape(-1, input.shape[-1]))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = g.sum(0)  # (M, N) -> (N)
+        if ctx.bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = weight_grad(ctx.bias, lambda: g.sum(0))  # (M, N) -> (N), now or in W
         return grad_input, grad_weight, grad_bias, None, None
 
 
@@ -86,20 +86,24 @@ class _ColumnParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, comm):
         ctx.save_for_backward(input, weight)
-        ctx.comm, ctx.has_bias, ctx.weight = comm, bias is not None, weight
+        ctx.comm, ctx.bias, ctx.weight = comm, bias, weight
         # (..., K) @ (K, N/tp) -> (..., N/tp); the input is the same on every tp rank
         return torch.nn.functional.linear(input, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
-        defer = ctx.needs_input_grad[1] and deferring()
+        defer = deferring()
+        need_w = ctx.needs_input_grad[1]
+        need_b = ctx.bias is not None and ctx.needs_input_grad[2]
         grad_input, grad_weight, grad_bias = column_parallel_backward(
-            grad_output, input, weight, ctx.comm, weight_grad=ctx.needs_input_grad[1] and not defer,
-            bias_grad=ctx.has_bias and ctx.needs_input_grad[2])
-        if defer:  # W later: (N/tp, M) @ (M, K)
+            grad_output, input, weight, ctx.comm, weight_grad=need_w and not defer, bias_grad=need_b and not defer)
+        if defer:  # W later: (N/tp, M) @ (M, K), and the bias's (M, N/tp) -> (N/tp)
             g, x = grad_output.reshape(-1, grad_output.shape[-1]), input.reshape(-1, input.shape[-1])
-            grad_weight = weight_grad(ctx.weight, lambda: g.t() @ x)
+            if need_w:
+                grad_weight = weight_grad(ctx.weight, lambda: g.t() @ x)
+            if need_b:
+                grad_bias = weight_grad(ctx.bias, lambda: g.sum(0))
         return grad_input, grad_weight, grad_bias, None
 
 

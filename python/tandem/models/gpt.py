@@ -75,9 +75,11 @@ class GPTConfig:
 
 
 def _layer_norm(x: Tensor, ln: nn.LayerNorm, comm, sequence_parallel: bool) -> Tensor:
+    """ln(x) whose parameter gradients can be deferred to W (tandem.nn.wgrad)."""
     if not sequence_parallel or comm is None:
-        return ln(x)
+        return W.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
     # each rank normalises its own tokens: the LN parameters' gradients are summed over tp
+    # (computed in B: they pass through that sum)
     return F.layer_norm(x, ln.normalized_shape, C.reduce_grad(ln.weight, comm), C.reduce_grad(ln.bias, comm), ln.eps)
 
 
@@ -96,7 +98,7 @@ class GPTEmbedding(FullStateDictMixin, nn.Module):
         if offset + s > self.config.max_seq_len:
             raise ValueError(f"GPT: sequence of {offset + s} tokens exceeds max_seq_len={self.config.max_seq_len}")
         pos = torch.arange(offset, offset + s, device=ids.device)
-        x = self.tok(ids) + self.pos(pos)  # (b, s, h)
+        x = self.tok(ids) + W.embedding(pos, self.pos.weight)  # (b, s, h)
         if self.config.sequence_parallel:
             x = C.scatter_to_sp(x, self.tp.comm, dim=1)  # (b, s, h) -> (b, s/tp, h)
         return x

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from tandem.mesh import Mesh
 from tandem.nn import _collectives as C
+from tandem.nn import wgrad
 from tandem.nn._tp import TPInfo, check_divisible, init_device, new_param, shard
 
 __all__ = ["VocabParallelEmbedding", "vocab_parallel_cross_entropy"]
@@ -46,10 +47,10 @@ class VocabParallelEmbedding(nn.Module):
         if ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"VocabParallelEmbedding: token ids must be int32/int64, got {ids.dtype}")
         if self.tp.comm is None:
-            return F.embedding(ids, self.weight)
+            return wgrad.embedding(ids, self.weight)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.local_num)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)  # (...) -> (..., h), own rows only
+        out = wgrad.embedding(local.masked_fill(outside, 0), self.weight)  # (...) -> (..., h), own rows only
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return C.reduce_from_tp(out, self.tp.comm)  # (..., h) summed over tp: every id found once
 

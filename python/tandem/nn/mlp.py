@@ -9,6 +9,7 @@ from torch.autograd import Function
 from tandem import ops
 from tandem.mesh import Mesh
 from tandem.nn import _collectives as C
+from tandem.nn import wgrad as W
 from tandem.nn.wgrad import weight_grad
 from tandem.nn.linear import ColumnParallelLinear, RowParallelLinear
 from tandem.nn.state import FullStateDictMixin
@@ -71,4 +72,4 @@ class ParallelMLP(FullStateDictMixin, nn.Module):
         approximate = "tanh" if fc1.activation == "gelu_tanh" else "none"
         y = _MLPShard.apply(x, fc1.weight, fc1.bias, fc2.weight, approximate)  # (.., h) partial
         y = C.reduce_from_tp(y, comm)  # g: all-reduce over tp
-        return y if fc2.bias is None else y + fc2.bias
+        return W.add_bias(y, fc2.bias)  # + (h), its gradient deferrable to W

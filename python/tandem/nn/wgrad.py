@@ -1,10 +1,13 @@
 """Deferred weight gradients: the W of zero-bubble pipeline schedules.
 
-Inside ``defer_weight_grads(bucket)``, the backward of tandem's linear layers computes the
-input gradient (B) at once and appends the weight-gradient GEMM to ``bucket`` instead of
-running it; ``flush(bucket)`` runs them later (W) and accumulates into ``param.grad``.
-Outside the context every gradient is computed at once, as usual. Layers that do not use
-this (LayerNorm, biases, user modules) get their gradients in B.
+Inside ``defer_weight_grads(bucket)``, the backward of tandem's layers computes the input
+gradient (B) at once and appends the parameter-gradient work to ``bucket`` instead of
+running it; ``flush(bucket)`` runs it later (W) and accumulates into ``param.grad``. That
+covers tandem's linear layers (weight GEMMs and biases), ``layer_norm`` (weight and bias:
+ATen's layer-norm backward run once for the input, once for the parameters) and
+``embedding`` (the scatter-add of rows), which tandem's GPT uses. Outside the context every
+gradient is computed at once, as usual. Modules that do not use these (user modules) get
+their parameters' gradients in B.
 
 The switch is process-wide, not thread-local: autograd may run a backward on a device thread.
 """
@@ -17,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-__all__ = ["defer_weight_grads", "deferring", "flush", "weight_grad", "linear"]
+__all__ = ["defer_weight_grads", "deferring", "flush", "weight_grad", "weight_grads", "on_accumulate", "linear",
+           "add_bias", "layer_norm", "embedding"]
 
 _bucket: Optional[list] = None
 
@@ -45,11 +49,33 @@ def flush(bucket: list) -> None:
     bucket.clear()
 
 
+_accumulate_hooks: dict = {}
+
+
+class _HookHandle:
+    def __init__(self, key):
+        self.key = key
+
+    def remove(self) -> None:
+        _accumulate_hooks.pop(self.key, None)
+
+
+def on_accumulate(hook: Callable[[Tensor], None]) -> _HookHandle:
+    """Call ``hook(param)`` after W accumulated a deferred gradient into ``param.grad`` (what
+    autograd's post-accumulate-grad hooks are for gradients computed in B). Returns a handle
+    with ``remove()``."""
+    key = object()
+    _accumulate_hooks[key] = hook
+    return _HookHandle(key)
+
+
 def _accumulate(param: Tensor, grad: Tensor) -> None:
     if param.grad is None:
         param.grad = grad.to(param.dtype)
     else:
         param.grad.add_(grad)
+    for hook in list(_accumulate_hooks.values()):
+        hook(param)
 
 
 def weight_grad(param: Tensor, compute: Callable[[], Tensor]) -> Optional[Tensor]:
@@ -62,11 +88,27 @@ def weight_grad(param: Tensor, compute: Callable[[], Tensor]) -> Optional[Tensor
     return None
 
 
+def weight_grads(params: tuple, compute: Callable[[], tuple]) -> tuple:
+    """``weight_grad`` for parameters whose gradients one computation yields together:
+    ``compute()`` returns one gradient per entry of ``params`` (None entries: not needed)."""
+    live = [p for p in params if p is not None]
+    if _bucket is None or not all(p.is_leaf for p in live):
+        return compute()
+
+    def run():
+        for p, g in zip(params, compute()):
+            if p is not None and g is not None:
+                _accumulate(p, g)
+
+    _bucket.append(run)
+    return (None,) * len(params)
+
+
 class _Linear(Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        ctx.weight, ctx.has_bias = weight, bias is not None
+        ctx.weight, ctx.bias = weight, bias
         return F.linear(x, weight, bias)  # (.., K) @ (K, N) + (N) -> (.., N)
 
     @staticmethod
@@ -78,7 +120,9 @@ class _Linear(Function):
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])
             grad_w = weight_grad(ctx.weight, lambda: g.t() @ x2)  # (N, M) @ (M, K) -> (N, K)
-        grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_b = None
+        if ctx.bias is not None and ctx.needs_input_grad[2]:
+            grad_b = weight_grad(ctx.bias, lambda: g.sum(0))  # (M, N) -> (N)
         return grad_x, grad_w, grad_b
 
 
@@ -87,3 +131,84 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     if not torch.is_grad_enabled() or not weight.requires_grad:
         return F.linear(x, weight, bias)
     return _Linear.apply(x, weight, bias)
+
+
+class _AddBias(Function):
+    @staticmethod
+    def forward(ctx, y, bias):
+        ctx.bias = bias
+        return y + bias  # (.., N) + (N)
+
+    @staticmethod
+    def backward(ctx, grad):
+        b = ctx.bias
+        gb = weight_grad(b, lambda: grad.reshape(-1, grad.shape[-1]).sum(0).to(b.dtype))  # (M, N) -> (N)
+        return grad, gb
+
+
+def add_bias(y: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``y + bias`` over the last dim, whose bias gradient can be deferred."""
+    if bias is None:
+        return y
+    if not torch.is_grad_enabled() or not bias.requires_grad:
+        return y + bias
+    return _AddBias.apply(y, bias)
+
+
+class _LayerNorm(Function):
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, bias, eps):
+        out, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
+        ctx.save_for_backward(x, mean, rstd)
+        ctx.shape, ctx.weight, ctx.bias = normalized_shape, weight, bias
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, rstd = ctx.saved_tensors
+        w, b = ctx.weight, ctx.bias
+        need_x = ctx.needs_input_grad[0]
+        need_w = w is not None and ctx.needs_input_grad[2]
+        need_b = b is not None and ctx.needs_input_grad[3]
+
+        def backward(mask):
+            return torch.ops.aten.native_layer_norm_backward(grad, x, ctx.shape, mean, rstd, w, b, mask)
+
+        if not deferring() or not (need_w or need_b):  # one pass for everything
+            gx, gw, gb = backward([need_x, need_w, need_b])
+            return gx, None, gw, gb, None
+        gx = backward([True, False, False])[0] if need_x else None
+        gw, gb = weight_grads((w if need_w else None, b if need_b else None),
+                              lambda: backward([False, need_w, need_b])[1:])
+        return gx, None, gw, gb, None
+
+
+def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5) -> Tensor:
+    """F.layer_norm whose weight and bias gradients can be deferred (see module docstring)."""
+    if not torch.is_grad_enabled():
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    return _LayerNorm.apply(x, list(normalized_shape), weight, bias, eps)
+
+
+class _Embedding(Function):
+    @staticmethod
+    def forward(ctx, ids, weight):
+        ctx.save_for_backward(ids)
+        ctx.weight = weight
+        return F.embedding(ids, weight)  # ids (...) -> (..., h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        w = ctx.weight
+        # grad (..., h) scatter-added into the rows of ids -> (num_embeddings, h)
+        gw = weight_grad(w, lambda: torch.ops.aten.embedding_dense_backward(grad, ids, w.shape[0], -1, False))
+        return None, gw
+
+
+def embedding(ids: Tensor, weight: Tensor) -> Tensor:
+    """F.embedding whose weight gradient can be deferred (see module docstring)."""
+    if not torch.is_grad_enabled() or not weight.requires_grad:
+        return F.embedding(ids, weight)
+    return _Embedding.apply(ids, weight)

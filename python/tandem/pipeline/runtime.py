@@ -80,14 +80,17 @@ def _neighbours(layout, rank: int) -> tuple[Optional[int], Optional[int]]:
 
 
 def _final_gradient_actions(actions) -> tuple[dict, dict]:
-    """{index of the last B of a stage: stage}, {index of its last B or W: stage}."""
-    last_b, last_grad = {}, {}
+    """{index of a stage's last B or last W: stage} (the actions that bring its parameters'
+    final gradient contributions), {index of the later of the two: stage}."""
+    last = {}
     for i, a in enumerate(actions):
-        if a.kind is K.B:
-            last_b[a.stage] = i
         if a.kind in (K.B, K.W):
-            last_grad[a.stage] = i
-    return {i: s for s, i in last_b.items()}, {i: s for s, i in last_grad.items()}
+            last[a.stage, a.kind] = i
+    final = {i: s for (s, _), i in last.items()}
+    done = {}
+    for (s, _), i in last.items():
+        done[s] = max(done.get(s, i), i)
+    return final, {i: s for s, i in done.items()}
 
 
 class PipelineRunner:
@@ -225,9 +228,12 @@ class PipelineRunner:
         if train and self.reducer is not None:
             self.reducer.reset_counters()
             for i, a in enumerate(self.lowered):
-                if i in self._arm_at:  # this B's accumulations are the stage's last
-                    self.reducer.arm(self._group[self._arm_at[i]])
+                group = self._group[self._arm_at[i]] if i in self._arm_at else None
+                if group is not None:  # what this B (W) accumulates is the stage's last
+                    self.reducer.arm(group)
                 self._execute(a)
+                if group is not None:
+                    self.reducer.disarm(group)
                 if i in self._flush_at:  # the stage's gradients are final
                     self.reducer.flush_group(self._group[self._flush_at[i]])
         else:
