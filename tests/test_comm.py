@@ -3,6 +3,8 @@
 One spawned world per world size runs all cases (each process start costs seconds).
 """
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -122,6 +124,33 @@ def _check_recv_timeout(comm, rank, n):
         assert f"rank 0 of {n}" in msg and "recv" in msg and "from rank 1" in msg and "timed out" in msg, msg
 
 
+def _check_wait_for_and_close(comm, rank, n):
+    """wait_for blocks at most its slice and tells whether the operation is done; close()
+    ends a communicator (later calls raise), the group stays usable."""
+    from tandem.comm import CommError
+
+    side = comm.fork()
+    buf = torch.empty(4)
+    if rank == 0:
+        w = side.recv(buf, 1)
+        start = time.monotonic()
+        assert w.wait_for(0.05) is False  # rank 1 sends only after the barrier below
+        assert 0.04 <= time.monotonic() - start < 1.0
+    dist.barrier()
+    if rank == 1:
+        side.send(torch.arange(4.0), 0).wait()
+    if rank == 0:
+        assert w.wait_for(10.0) is True and w.is_completed()
+        w.wait()
+        assert torch.equal(buf, torch.arange(4.0))
+    t = torch.ones(2)
+    side.all_reduce(t).wait_for(10.0)
+    assert torch.equal(t, torch.full((2,), float(n)))
+    side.close()
+    with pytest.raises(CommError, match=f"rank {rank} of {n}: all_reduce.*: the communicator was closed"):
+        side.all_reduce(torch.ones(2))
+
+
 def _world(rank, n):
     from tandem.comm import Communicator
 
@@ -133,6 +162,7 @@ def _world(rank, n):
     _check_p2p(comm, rank, n)
     _check_bad_input(comm, rank, n)
     _check_recv_timeout(comm, rank, n)
+    _check_wait_for_and_close(comm, rank, n)
     if n > 2:  # a subgroup: ranks are group ranks, not global ones
         sub = dist.new_group([1, 2, 3][: n - 1])
         if rank in (1, 2, 3)[: n - 1]:

@@ -127,6 +127,27 @@ def test_abort_makes_later_calls_raise(group):
         c.all_reduce(torch.ones(2, device="cuda"))
 
 
+def test_close_and_abort_from_another_thread(group):
+    import threading
+
+    from tandem.comm import CommError, Communicator
+
+    c = Communicator(group, "cuda", timeout=30.0)
+    t = torch.ones(1 << 20, device="cuda")
+    c.all_reduce(t).wait()
+    c.close(timeout=10.0)  # finalize + destroy: the pending all-reduce is flushed first
+    torch.cuda.synchronize()
+    assert torch.equal(t, torch.ones_like(t))
+    with pytest.raises(CommError, match="rank 0 of 1: the communicator was closed"):
+        c.all_reduce(t)
+    d = Communicator(group, "cuda", timeout=30.0)
+    done = threading.Event()
+    threading.Thread(target=lambda: (d.abort(), done.set())).start()
+    assert done.wait(5.0), "abort() from another thread did not return"
+    with pytest.raises(CommError, match="aborted"):
+        d.all_reduce(t)
+
+
 def _two_gpus(rank, n):
     from tandem.comm import Communicator, StageLink, row_parallel_linear
 

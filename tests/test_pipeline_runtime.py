@@ -128,19 +128,57 @@ def _check_schedules(rank, world, tmp):
         torch.testing.assert_close(out, nn.Sequential(*_layers(num_layers))(x))
     else:
         assert out is None
-    return report, _failing_stage(mesh, world)
+    return report, _failing_stage(mesh, world), _shape_change(mesh, world)
+
+
+def _shape_change(mesh, world):
+    """shapes="static": a later step whose activations have another shape fails on every
+    rank with the sender's message, long before the timeout."""
+    import time
+
+    from tandem.pipeline import OneFOneB, PipelineError, PipelineRunner, split
+
+    runner = PipelineRunner(split(_layers(world), world, balance="uniform"), mesh=mesh,
+                            schedule=OneFOneB(world, world), loss_fn=nn.functional.mse_loss,
+                            num_microbatches=world, timeout=60)
+    x, y = _batch(2 * world)
+    first, last = mesh.pp_rank == 0, mesh.pp_rank == world - 1
+    runner.step(x if first else None, y if last else None)
+    x, y = _batch(4 * world)  # twice the rows per microbatch
+    t0 = time.monotonic()
+    try:
+        runner.step(x if first else None, y if last else None)
+    except PipelineError as e:
+        return str(e), time.monotonic() - t0
+    return "no error", time.monotonic() - t0
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_schedule_matches_single_process(world, tmp_path):
     results = run_ranks(world, _check_schedules, str(tmp_path), timeout=240)
-    reports = [r for r, _ in results]
+    reports = [r[0] for r in results]
     for kinds in (k for _, k in reports[0]):
         assert {"F", "B"} <= set(kinds)
     assert any("W" in k for _, k in reports[0])  # ZB-H1 ran split backwards
-    for rank, (_, (message, seconds)) in enumerate(results):
+    for rank, (_, (message, seconds), _) in enumerate(results):
         assert f"stage {world - 2} " in message and "boom in a layer" in message, (rank, message)
         assert f"in {world - 2}F1" in message and seconds < 30, (rank, message, seconds)
+    for rank, (_, _, (message, seconds)) in enumerate(results):
+        assert "does not match the static shape agreed on first use, float32[2, 8]" in message, (rank, message)
+        assert "float32[4, 8]" in message and seconds < 30, (rank, message, seconds)
     trace = json.load(open(tmp_path / "trace0.json"))
     names = {e["name"] for e in trace["traceEvents"]}
     assert "0F0" in names and all(e["ph"] == "X" and e["dur"] >= 0 for e in trace["traceEvents"])
+
+
+def test_layouts_without_one_neighbour_per_side_are_refused():
+    from tandem.pipeline.ir import StageLayout
+    from tandem.pipeline.runtime import _neighbours
+
+    assert _neighbours(StageLayout.looped(4, 2), 0) == (3, 1)  # interleaved: a ring
+    assert _neighbours(StageLayout.looped(4), 0) == (None, 1)
+    assert _neighbours(StageLayout.looped(4), 3) == (2, None)
+    v_shape = StageLayout((0, 1, 2, 3, 3, 2, 1, 0))
+    assert _neighbours(v_shape, 0) == (1, 1)
+    with pytest.raises(ValueError, match=r"pipeline rank 1 exchanges activations with ranks \[0, 2\]"):
+        _neighbours(v_shape, 1)

@@ -256,8 +256,11 @@ P2PWaitQueue& C10dCommunicator::waits(int peer, P2PKind kind) {
 
 void C10dCommunicator::abort() { aborted_ = true; }
 
+void C10dCommunicator::close(std::optional<double>) { closed_ = true; }
+
 void C10dCommunicator::check_alive(const std::string& what) const {
   if (aborted_) throw CommError(what + ": the communicator was aborted");
+  if (closed_) throw CommError(what + ": the communicator was closed");
 }
 
 std::chrono::milliseconds C10dCommunicator::timeout_ms() const { return to_ms(timeout_s()); }

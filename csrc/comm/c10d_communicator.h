@@ -24,6 +24,8 @@ class C10dCommunicator final : public Communicator {
   // Marks this communicator aborted (later calls raise). The ProcessGroup is the caller's and
   // stays up; use dist.destroy_process_group to end it.
   void abort() override;
+  // Later calls raise; nothing to flush (gloo's operations are the caller's to wait for).
+  void close(std::optional<double> timeout_s) override;
 
  protected:
   WorkPtr do_all_reduce(const at::Tensor& t, ReduceOp op, std::string what) override;
@@ -43,6 +45,7 @@ class C10dCommunicator final : public Communicator {
   int tag_;                                    // p2p tag of this communicator
   std::shared_ptr<std::atomic<int>> next_tag_;  // shared by all forks of one root
   std::atomic<bool> aborted_{false};
+  std::atomic<bool> closed_{false};
   std::mutex waits_mu_;
   std::map<std::pair<int, bool>, std::shared_ptr<P2PWaitQueue>> waits_;  // (peer, is_send)
 };
