@@ -3,13 +3,15 @@ prediction and torch.distributed.pipelining, on the same GPT split, in the same 
 
     torchrun --standalone --nproc-per-node 2 benchmarks/bench_pipeline.py [--microbatches 2 4 8] [--json out.json]
 
-For each schedule and number of microbatches m, one row: tandem's median step time, the
-bubble of its measured timeline (all ranks, last timed step), the one-way time of one
+tandem's and torch's steps alternate (one each per iteration) so that drift of the
+machine hits both alike; every figure is a median over the iterations. For each schedule
+and number of microbatches m, one row: tandem's step time, the bubble of its measured
+timeline (all ranks), the one-way time of one
 activation message (half the median round trip of a ping-pong between pipeline ranks 0 and
 1 over the runner's own StageLink, measured in the same run), the simulator's makespan and
-bubble for costs measured from that timeline (mean F, B, W per stage) with that message
-time, the runtime overhead per action (step time minus the simulated makespan, over the
-actions of a rank: what scheduling, posting messages and bookkeeping add), and
+bubble for the costs measured in that step (mean F, B, W per stage) with that message
+time, the runtime overhead per action (the step's time minus its simulated makespan, over
+the actions of a rank: what scheduling, posting messages and bookkeeping add), and
 torch.distributed.pipelining's median step time for the matching schedule (ScheduleGPipe,
 Schedule1F1B, ScheduleInterleaved1F1B; none for ZB-H1).
 Runs on CPU with gloo (and on GPUs with NCCL when launched on them). Every rank runs the
@@ -54,11 +56,15 @@ def _schedule(name, p, m):
     return cls(p, m, virtual_stages=v) if v > 1 else cls(p, m)
 
 
-def _time_steps(step, args, device) -> float:
+def _timed(step, device) -> float:
+    """Seconds of one step on the slowest rank (all ranks start together)."""
     dist.barrier()
-    timing = common.benchmark(step, device=device, warmup=args.warmup, iters=args.iters)
-    t = torch.tensor([timing.median_ms])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's median
+    common.synchronize(device)
+    t0 = time.perf_counter()
+    step()
+    common.synchronize(device)
+    t = torch.tensor([time.perf_counter() - t0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
 
@@ -102,7 +108,7 @@ def _costs(timeline, split_backward, comm_s=0.0):
     return costs
 
 
-def run_tandem(args, mesh, name, m, data):
+def _tandem_step(args, mesh, name, m, data):
     p = mesh.pp
     sched = _schedule(name, p, m)
     stages = _stages(args, mesh, sched.num_stages, sched.layout.stages_of(mesh.pp_rank))
@@ -111,24 +117,10 @@ def run_tandem(args, mesh, name, m, data):
                             num_microbatches=m)
     ids, targets = data
     first, last = 0 in runner.stages, sched.num_stages - 1 in runner.stages
-    step = lambda: runner.step(ids if first else None, targets if last else None)  # noqa: E731
-    ms = _time_steps(step, args, mesh.device)
-    timeline = runner.resolve_timeline()
-    timelines = [None] * p
-    dist.all_gather_object(timelines, timeline, group=mesh.pp_group)
-    merged = [rec for tl in timelines for rec in tl]
-    measured_bubble = bubble_fraction(merged, p)
-    b, s = ids.shape
-    comm_s = _message_s(runner, mesh, (b // m, s, args.hidden)) if p > 1 else 0.0
-    sim = simulate(sched, _costs(merged, sched.split_backward, comm_s))
-    actions = max(len(tl) for tl in timelines)
-    overhead_us = (ms / 1e3 - sim.makespan) / actions * 1e6
-    return {"tandem_ms": ms, "bubble": measured_bubble, "message_us": comm_s * 1e6,
-            "sim_ms": sim.makespan * 1e3, "sim_bubble": sim.bubble_fraction,
-            "overhead_us": overhead_us}
+    return (lambda: runner.step(ids if first else None, targets if last else None)), runner, sched
 
 
-def run_torch(args, mesh, name, m, data):
+def _torch_step(args, mesh, name, m, data):
     from torch.distributed import pipelining as tp
 
     classes = {"gpipe": tp.ScheduleGPipe, "1f1b": tp.Schedule1F1B,
@@ -161,7 +153,37 @@ def run_torch(args, mesh, name, m, data):
         else:
             schedule.step()
 
-    return _time_steps(step, args, mesh.device)
+    return step
+
+
+def run_pair(args, mesh, name, m, data):
+    """tandem's and torch's steps alternately (one each per iteration, so that the machine's
+    drift hits both alike); per tandem step its measured timeline and the simulator's plan
+    for the costs it measured. Medians over the iterations."""
+    p = mesh.pp
+    step, runner, sched = _tandem_step(args, mesh, name, m, data)
+    torch_step = _torch_step(args, mesh, name, m, data)
+    for _ in range(args.warmup):
+        step()
+        if torch_step:
+            torch_step()
+    b, s = data[0].shape
+    comm_s = _message_s(runner, mesh, (b // m, s, args.hidden)) if p > 1 else 0.0
+    rows = []
+    for _ in range(args.iters):
+        t = _timed(step, mesh.device)
+        timelines = [None] * p
+        dist.all_gather_object(timelines, runner.resolve_timeline(), group=mesh.pp_group)
+        merged = [rec for tl in timelines for rec in tl]
+        sim = simulate(sched, _costs(merged, sched.split_backward, comm_s))
+        actions = max(len(tl) for tl in timelines)
+        rows.append({"tandem_ms": t * 1e3, "bubble": bubble_fraction(merged, p), "sim_ms": sim.makespan * 1e3,
+                     "sim_bubble": sim.bubble_fraction, "overhead_us": (t - sim.makespan) / actions * 1e6,
+                     "torch_ms": _timed(torch_step, mesh.device) * 1e3 if torch_step else None})
+    med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
+    out = {k: med(k) for k in ("tandem_ms", "bubble", "sim_ms", "sim_bubble", "overhead_us")}
+    out.update(message_us=comm_s * 1e6, torch_ms=med("torch_ms") if torch_step else None)
+    return out
 
 
 def main():
@@ -204,10 +226,9 @@ def main():
                 continue
             if args.batch % m:
                 continue
-            row = run_tandem(args, mesh, name, m, data)
-            torch_ms = run_torch(args, mesh, name, m, data)
-            row.update(schedule=name, m=m, torch_ms=torch_ms,
-                       speedup=(torch_ms / row["tandem_ms"]) if torch_ms else None)
+            row = run_pair(args, mesh, name, m, data)
+            torch_ms = row["torch_ms"]
+            row.update(schedule=name, m=m, speedup=(torch_ms / row["tandem_ms"]) if torch_ms else None)
             results.append(row)
             if mesh.rank == 0:
                 print(table.row([name, m, row["tandem_ms"], row["bubble"], row["message_us"], row["sim_ms"],
