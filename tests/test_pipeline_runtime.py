@@ -128,7 +128,34 @@ def _check_schedules(rank, world, tmp):
         torch.testing.assert_close(out, nn.Sequential(*_layers(num_layers))(x))
     else:
         assert out is None
+    _dynamic_shapes(mesh, world)
     return report, _failing_stage(mesh, world), _shape_change(mesh, world)
+
+
+def _dynamic_shapes(mesh, world):
+    """shapes="dynamic": steps whose microbatches change shape give the reference's loss and
+    gradients (headers travel with every message; receives posted before they land)."""
+    from tandem.pipeline import Interleaved1F1B, PipelineRunner, split
+
+    sched = Interleaved1F1B(world, 2 * world, virtual_stages=2)
+    for rows in (4 * world, 6 * world):
+        layers = _layers(2 * world)
+        stages = [split(layers, 2 * world, balance="uniform", stage=s)
+                  for s in sched.layout.stages_of(mesh.pp_rank)]
+        if rows == 4 * world:
+            runner = PipelineRunner(stages, mesh=mesh, schedule=sched, loss_fn=nn.functional.mse_loss,
+                                    num_microbatches=2 * world, shapes="dynamic", timeout=60)
+        else:  # the same runner, new weights of the same values, another batch size
+            for ex, st in zip(runner.stages.values(), stages):
+                ex.module.load_state_dict(st.state_dict())
+                ex.module.zero_grad(set_to_none=True)
+        x, y = _batch(rows)
+        loss = runner.step(x if mesh.pp_rank == 0 else None, y if mesh.pp_rank == world - 1 else None)
+        ref_loss, ref_grads = _reference(2 * world, rows, rows)
+        torch.testing.assert_close(loss, ref_loss, msg=f"dynamic shapes, {rows} rows: loss")
+        for st in runner.stage_modules:
+            for name, p in st.named_parameters():
+                torch.testing.assert_close(p.grad, ref_grads[name], msg=f"dynamic, {rows} rows: {name}")
 
 
 def _shape_change(mesh, world):
