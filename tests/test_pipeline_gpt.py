@@ -3,7 +3,8 @@
 - tp=2 x pp=2, ZB-H1 (split B/W with TP collectives), tied embeddings: loss, every
   weight after 3 SGD steps, and the embedding and its copy on the last stage bitwise equal;
 - dp=2 x pp=2, interleaved 1F1B (two stages per rank) and ZB-H1: the same over 3 SGD steps,
-  with the dp all-reduce of most gradient buckets started during the last backward;
+  with the dp all-reduce of most gradient buckets started during the last backward; dp=4
+  with one stage under ZB-H1 (a tied weight written by two deferred pieces per microbatch);
 - pipelined greedy decoding equals GPT.generate token for token (tp=2 x pp=2, two request
   groups in flight), and sampled decoding equals the one-stage run with the same seed.
 
@@ -143,6 +144,15 @@ def _worker(rank, world):
         for got, want in zip(losses, ref_losses):
             torch.testing.assert_close(got, want, msg=f"dp x pp loss, {sched}")
         _check_weights(stages, ref, mesh, f"dp x pp, {sched}")
+
+    # --- dp=4, one stage, ZB-H1: the tied embedding gets two deferred pieces per microbatch
+    # (embedding and head); its bucket starts only after the last of them ---------------------
+    mesh = tandem.init_mesh(tp=1, pp=1, dp=4)
+    rows = slice(2 * mesh.dp_rank, 2 * mesh.dp_rank + 2)
+    stages, losses = _train(mesh, ZeroBubbleH1(1, 2), [0], rows, dp_bucket_bytes=2048)
+    for got, want in zip(losses, ref_losses):
+        torch.testing.assert_close(got, want, msg="dp=4 ZB-H1 loss")
+    _check_weights(stages, ref, mesh, "dp=4 ZB-H1")
     return out
 
 

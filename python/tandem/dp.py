@@ -46,12 +46,12 @@ def all_reduce_grads(params: Iterable[nn.Parameter], mesh: Optional[Mesh] = None
 
 
 class _Bucket:
-    __slots__ = ("params", "group", "ready", "flat", "grads", "work")
+    __slots__ = ("params", "ready", "flat", "work")
 
-    def __init__(self, params, group):
-        self.params, self.group = params, group
+    def __init__(self, params):
+        self.params = params
         self.ready: set[int] = set()  # ids of parameters whose gradient is final
-        self.flat = self.grads = self.work = None
+        self.flat = self.work = None
 
 
 class OverlappedGradReducer:
@@ -59,49 +59,64 @@ class OverlappedGradReducer:
 
     ``groups``: lists of parameters, each bucketed on its own (a pipeline stage's parameters
     form one group). Buckets hold parameters in reverse order (the order a backward
-    finishes them), one dtype each, at most ``bucket_bytes``. While a group is armed
-    (:meth:`arm` ... :meth:`disarm`, around the actions that bring its parameters' last
-    gradient contributions: the final backward, and with deferred weight gradients the
-    final W), a parameter whose gradient changes is final: autograd's post-accumulate-grad
-    hook and tandem.nn.wgrad's accumulation tell. A bucket whose parameters are all final
-    starts its all-reduce on the dp communicator at once, overlapping the rest of the work.
-    :meth:`flush_group` starts every bucket of a group not started yet (parameters that got
-    no gradient). :meth:`finish` waits for every all-reduce and writes the averages back.
-    Every dp replica must run the same backward (the same buckets start in the same order).
+    finishes them), one dtype each, at most ``bucket_bytes``. A group's buckets start their
+    all-reduce on the dp communicator strictly in bucket order, each as soon as it and every
+    bucket before it hold only final gradients, so every dp replica issues the same
+    all-reduces in the same order; a parameter without a gradient travels as zeros.
+
+    Two ways to learn that gradients are final:
+
+    - :meth:`arm` ... :meth:`disarm` around a group's last backward, when nothing of it is
+      deferred: a parameter is final when autograd accumulated into it (a post-accumulate-
+      grad hook; AccumulateGrad runs once per parameter per backward);
+    - :meth:`mark_final` (split backward: after the last B): every parameter that no
+      deferred work still writes; then :meth:`mark_ready` as the deferred work (W) writes
+      each parameter's last contribution.
+
+    :meth:`flush_group` starts what is left of a group; :meth:`finish` waits for every
+    all-reduce and writes the averages into ``param.grad``. :meth:`remove` drops the hooks.
     """
 
     def __init__(self, groups: Sequence[Sequence[nn.Parameter]], mesh: Mesh,
                  bucket_bytes: int = _BUCKET_BYTES):
-        from tandem.nn import wgrad
+        import weakref
 
         self.mesh = mesh
         self.groups: list[list[_Bucket]] = []
-        self._bucket_of: dict[int, _Bucket] = {}
+        self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (group, bucket index)
+        self._next: list[int] = []  # per group: the first bucket not started
         self._armed: set[int] = set()
         self._before: dict = {}  # id(param) -> (its .grad when armed, that grad's version)
-        self._hooks = []
         self._started: list[_Bucket] = []
         self.started_early = 0  # buckets started before flush_group in the last step
+        me = weakref.ref(self)  # the hooks must not keep the reducer alive
+
+        def hook(param):
+            reducer = me()
+            if reducer is not None:
+                reducer._on_grad(param)
+
+        self._hooks = []
         for index, params in enumerate(groups):
             buckets, current, size = [], [], 0
             for p in reversed([p for p in params if p.requires_grad]):
                 nbytes = p.numel() * p.element_size()
                 if current and (p.dtype != current[0].dtype or size + nbytes > bucket_bytes):
-                    buckets.append(_Bucket(current, index))
+                    buckets.append(_Bucket(current))
                     current, size = [], 0
                 current.append(p)
                 size += nbytes
             if current:
-                buckets.append(_Bucket(current, index))
+                buckets.append(_Bucket(current))
             self.groups.append(buckets)
-            for b in buckets:
+            self._next.append(0)
+            for k, b in enumerate(buckets):
                 for p in b.params:
-                    self._bucket_of[id(p)] = b
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
-        self._hooks.append(wgrad.on_accumulate(self._on_grad))
+                    self._where[id(p)] = (index, k)
+                    self._hooks.append(p.register_post_accumulate_grad_hook(hook))
 
     def arm(self, group: int) -> None:
-        """Gradients that change from now on in ``group`` are final."""
+        """Gradients that autograd accumulates into ``group`` from now on are final."""
         self._armed.add(group)
         for b in self.groups[group]:
             for p in b.params:  # what .grad is now: the hook also fires when nothing arrived
@@ -111,52 +126,78 @@ class OverlappedGradReducer:
         self._armed.discard(group)
 
     def _on_grad(self, param) -> None:
-        b = self._bucket_of.get(id(param))
-        if b is None or b.work is not None or b.group not in self._armed:
+        where = self._where.get(id(param))
+        if where is None or where[0] not in self._armed:
             return
         grad, version = self._before.get(id(param), (None, None))
         if param.grad is None or (param.grad is grad and param.grad._version == version):
-            return  # nothing arrived (a deferred weight gradient: W brings it)
-        b.ready.add(id(param))
-        if len(b.ready) == len(b.params):
-            self._start(b)
+            return  # nothing arrived
+        self.groups[where[0]][where[1]].ready.add(id(param))
+        self._advance(where[0])
+
+    def mark_final(self, group: int, pending) -> None:
+        """Every parameter of ``group`` whose id is not in ``pending`` (ids that deferred
+        work will still write) has its final gradient."""
+        for b in self.groups[group][self._next[group]:]:
+            b.ready.update(id(p) for p in b.params if id(p) not in pending)
+        self._advance(group)
+
+    def mark_ready(self, group: int, ids) -> None:
+        """The parameters ``ids`` of ``group`` have their final gradients."""
+        for i in ids:
+            where = self._where.get(i)
+            if where is not None and where[0] == group:
+                self.groups[group][where[1]].ready.add(i)
+        self._advance(group)
+
+    def _advance(self, group: int) -> None:
+        buckets = self.groups[group]
+        while self._next[group] < len(buckets) and \
+                len(buckets[self._next[group]].ready) == len(buckets[self._next[group]].params):
+            self._start(buckets[self._next[group]])
+            self._next[group] += 1
             self.started_early += 1
 
     def _start(self, b: _Bucket) -> None:
-        b.grads = [p.grad for p in b.params if p.grad is not None]
-        if not b.grads:
-            b.work = False  # nothing to reduce (the same on every replica)
-            return
-        b.flat = torch.cat([g.reshape(-1) for g in b.grads])  # (sum of numels,)
+        # (sum of numels,): every parameter's gradient, zeros where there is none
+        b.flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                            for p in b.params])
         b.work = self.mesh.dp_comm.all_reduce(b.flat)  # summed over dp, asynchronously
         self._started.append(b)
 
     def flush_group(self, group: int) -> None:
         """Start every bucket of ``group`` not started yet; its gradients are final."""
         self.disarm(group)
-        for b in self.groups[group]:
-            if b.work is None:
-                self._start(b)
+        buckets = self.groups[group]
+        while self._next[group] < len(buckets):
+            self._start(buckets[self._next[group]])
+            self._next[group] += 1
 
     def finish(self, wait=None) -> None:
         """Start what is left, wait for every all-reduce (``wait(work, what)`` when given,
         else ``work.wait()``), and write the dp averages into ``param.grad``."""
         for g in range(len(self.groups)):
             self.flush_group(g)
-        for b in self._started:
-            if wait is not None:
-                wait(b.work, "gradient all-reduce over dp")
-            else:
-                b.work.wait()
-            b.flat.div_(self.mesh.dp)
-            offset = 0
-            for g in b.grads:
-                g.copy_(b.flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+        with torch.no_grad():
+            for b in self._started:
+                if wait is not None:
+                    wait(b.work, "gradient all-reduce over dp")
+                else:
+                    b.work.wait()
+                b.flat.div_(self.mesh.dp)
+                offset = 0
+                for p in b.params:
+                    avg = b.flat[offset:offset + p.numel()].view_as(p)
+                    if p.grad is None:
+                        p.grad = avg.clone()
+                    else:
+                        p.grad.copy_(avg)
+                    offset += p.numel()
         for buckets in self.groups:
             for b in buckets:
-                b.flat = b.grads = b.work = None
+                b.flat = b.work = None
                 b.ready.clear()
+        self._next = [0] * len(self.groups)
         self._started = []
         self._armed.clear()
         self._before.clear()

@@ -12,6 +12,7 @@ their parameters' gradients in B.
 The switch is process-wide, not thread-local: autograd may run a backward on a device thread.
 """
 
+import collections
 from contextlib import contextmanager
 from typing import Callable, Optional
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-__all__ = ["defer_weight_grads", "deferring", "flush", "weight_grad", "weight_grads", "on_accumulate", "linear",
+__all__ = ["defer_weight_grads", "deferring", "flush", "pending_params", "Deferred", "weight_grad", "weight_grads", "linear",
            "add_bias", "layer_norm", "embedding"]
 
 _bucket: Optional[list] = None
@@ -42,31 +43,35 @@ def deferring() -> bool:
     return _bucket is not None
 
 
-def flush(bucket: list) -> None:
-    """Run the deferred weight-gradient GEMMs of ``bucket`` (W), in order, and empty it."""
-    for fn in bucket:
-        fn()
+class Deferred:
+    """One deferred piece of parameter-gradient work: ``params`` are the parameters it
+    accumulates into when called."""
+
+    __slots__ = ("params", "fn")
+
+    def __init__(self, params: tuple, fn: Callable[[], None]):
+        self.params, self.fn = params, fn
+
+    def __call__(self) -> None:
+        self.fn()
+
+
+def flush(bucket: list, after: Optional[Callable[[Deferred], None]] = None) -> None:
+    """Run the deferred gradient work of ``bucket`` (W), in order, and empty it; ``after(d)``
+    runs after each piece. Runs without autograd recording: the gradients are plain
+    tensors, and nothing of B is kept alive."""
+    with torch.no_grad():
+        for d in bucket:
+            d()
+            if after is not None:
+                after(d)
     bucket.clear()
 
 
-_accumulate_hooks: dict = {}
-
-
-class _HookHandle:
-    def __init__(self, key):
-        self.key = key
-
-    def remove(self) -> None:
-        _accumulate_hooks.pop(self.key, None)
-
-
-def on_accumulate(hook: Callable[[Tensor], None]) -> _HookHandle:
-    """Call ``hook(param)`` after W accumulated a deferred gradient into ``param.grad`` (what
-    autograd's post-accumulate-grad hooks are for gradients computed in B). Returns a handle
-    with ``remove()``."""
-    key = object()
-    _accumulate_hooks[key] = hook
-    return _HookHandle(key)
+def pending_params(buckets) -> collections.Counter:
+    """id of each parameter that deferred work in ``buckets`` (lists) will still write ->
+    how many pieces will."""
+    return collections.Counter(id(p) for bucket in buckets for d in bucket for p in d.params)
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:
@@ -74,8 +79,6 @@ def _accumulate(param: Tensor, grad: Tensor) -> None:
         param.grad = grad.to(param.dtype)
     else:
         param.grad.add_(grad)
-    for hook in list(_accumulate_hooks.values()):
-        hook(param)
 
 
 def weight_grad(param: Tensor, compute: Callable[[], Tensor]) -> Optional[Tensor]:
@@ -84,7 +87,7 @@ def weight_grad(param: Tensor, compute: Callable[[], Tensor]) -> Optional[Tensor
     ``param.grad``). ``param`` must be a leaf (a Parameter)."""
     if _bucket is None or not param.is_leaf:
         return compute()
-    _bucket.append(lambda: _accumulate(param, compute()))
+    _bucket.append(Deferred((param,), lambda: _accumulate(param, compute())))
     return None
 
 
@@ -100,7 +103,7 @@ def weight_grads(params: tuple, compute: Callable[[], tuple]) -> tuple:
             if p is not None and g is not None:
                 _accumulate(p, g)
 
-    _bucket.append(run)
+    _bucket.append(Deferred(tuple(live), run))
     return (None,) * len(params)
 
 

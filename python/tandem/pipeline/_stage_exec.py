@@ -133,10 +133,10 @@ class StageExec:
         self.outputs.pop(mb, None)
         self.losses.pop(mb, None)
 
-    def backward_weight(self, mb: int) -> None:
-        """W of a split backward: the deferred weight-gradient GEMMs, accumulated into
-        ``param.grad``."""
-        flush(self.pending_w.pop(mb))
+    def backward_weight(self, mb: int, after=None) -> None:
+        """W of a split backward: the deferred parameter-gradient work, accumulated into
+        ``param.grad`` (``after(piece)`` after each piece)."""
+        flush(self.pending_w.pop(mb), after)
 
     def _keep_input_grad(self, mb: int, gx) -> None:
         if self.stage == 0:

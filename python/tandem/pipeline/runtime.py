@@ -79,18 +79,17 @@ def _neighbours(layout, rank: int) -> tuple[Optional[int], Optional[int]]:
     return next(iter(prevs), None), next(iter(nexts), None)
 
 
-def _final_gradient_actions(actions) -> tuple[dict, dict]:
-    """{index of a stage's last B or last W: stage} (the actions that bring its parameters'
-    final gradient contributions), {index of the later of the two: stage}."""
-    last = {}
+def _final_gradient_actions(actions) -> tuple[dict, dict, dict]:
+    """For each stage, the index of its last B, of its last W (None without W), and of the
+    later of the two (its gradients are final after it)."""
+    last_b, last_w = {}, {}
     for i, a in enumerate(actions):
-        if a.kind in (K.B, K.W):
-            last[a.stage, a.kind] = i
-    final = {i: s for (s, _), i in last.items()}
-    done = {}
-    for (s, _), i in last.items():
-        done[s] = max(done.get(s, i), i)
-    return final, {i: s for s, i in done.items()}
+        if a.kind is K.B:
+            last_b[a.stage] = i
+        elif a.kind is K.W:
+            last_w[a.stage] = i
+    done = {s: max(i, last_w.get(s, i)) for s, i in last_b.items()}
+    return last_b, last_w, done
 
 
 class PipelineRunner:
@@ -164,7 +163,7 @@ class PipelineRunner:
                 [[p for p in ex.module.parameters() if id(p) not in tied] for ex in self.stages.values()],
                 self.mesh, bucket_bytes=dp_bucket_bytes)
             self._group = {s: i for i, s in enumerate(self.stages)}
-            self._arm_at, self._flush_at = _final_gradient_actions(self.lowered)
+            self._last_b, _, self._done_at = _final_gradient_actions(self.lowered)
         self.timeline: list[TimelineRecord] = []
         self._events: list = []
 
@@ -228,14 +227,7 @@ class PipelineRunner:
         if train and self.reducer is not None:
             self.reducer.reset_counters()
             for i, a in enumerate(self.lowered):
-                group = self._group[self._arm_at[i]] if i in self._arm_at else None
-                if group is not None:  # what this B (W) accumulates is the stage's last
-                    self.reducer.arm(group)
-                self._execute(a)
-                if group is not None:
-                    self.reducer.disarm(group)
-                if i in self._flush_at:  # the stage's gradients are final
-                    self.reducer.flush_group(self._group[self._flush_at[i]])
+                self._execute_reducing(i, a)
         else:
             actions = self.lowered if train else [
                 a for a in self.lowered if a.kind in (K.F, K.SEND_F, K.RECV_F)]
@@ -243,6 +235,43 @@ class PipelineRunner:
                 self._execute(a)
         if self.p2p is not None:
             self.p2p.finish()
+
+    def _execute_reducing(self, i: int, a: Action) -> None:
+        """Execute action ``i`` and start the dp all-reduce of the gradient buckets that it
+        made final: during the stage's last B through autograd's hooks when nothing is
+        deferred; with split backwards, after the last B and each later W, every bucket that
+        no deferred work still writes."""
+        if a.kind not in (K.B, K.W) or i < self._last_b[a.stage]:
+            self._execute(a)
+            return
+        from tandem.nn.wgrad import pending_params
+
+        group, reducer, ex = self._group[a.stage], self.reducer, self.stages[a.stage]
+        split = self.schedule.split_backward
+        if not split:  # the last backward: autograd's hooks tell
+            reducer.arm(group)
+            try:
+                self._execute(a)
+            finally:
+                reducer.disarm(group)
+        elif a.kind is K.B:  # the last B: what no W will still write is final
+            self._execute(a)
+            reducer.mark_final(group, pending_params(ex.pending_w.values()))
+        else:  # a W after it: a parameter is final once its last deferred piece ran
+            left = pending_params(ex.pending_w.values())
+
+            def after(d):
+                done = []
+                for p in d.params:
+                    left[id(p)] -= 1
+                    if left[id(p)] == 0:
+                        done.append(id(p))
+                if done:
+                    reducer.mark_ready(group, done)
+
+            self._execute(a, after_w=after)
+        if i == self._done_at[a.stage]:
+            reducer.flush_group(group)
 
     def _chunks(self, t, name: str) -> list:
         m = self.num_microbatches
@@ -253,7 +282,7 @@ class PipelineRunner:
                              f"by num_microbatches={m}")
         return list(t.chunk(m, dim=0))
 
-    def _execute(self, a: Action) -> None:
+    def _execute(self, a: Action, after_w=None) -> None:
         ex = self.stages[a.stage]
         try:
             if a.kind in (K.F, K.B):
@@ -265,7 +294,7 @@ class PipelineRunner:
                 ex.backward_input(a.microbatch) if self.schedule.split_backward \
                     else ex.backward(a.microbatch)
             elif a.kind is K.W:
-                ex.backward_weight(a.microbatch)
+                ex.backward_weight(a.microbatch, after_w)
             elif a.kind in (K.RECV_F, K.RECV_B):
                 ex.post_recv(a)
             else:
@@ -369,3 +398,13 @@ class PipelineRunner:
     def _end(self) -> None:
         for ex in self.stages.values():
             ex.end()
+
+    def close(self) -> None:
+        """Release what the runner holds beyond its modules: the dp reducer's gradient hooks
+        and the StageLink's communicators (aborted: local, no peer waits)."""
+        if self.reducer is not None:
+            self.reducer.remove()
+            self.reducer = None
+        if self.p2p is not None:
+            self.p2p.link.abort()
+            self.p2p = None
