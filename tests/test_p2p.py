@@ -185,6 +185,18 @@ def _world2(rank, n):
         assert isinstance(info.value, RuntimeError)
         assert "stage 1: recv_forward from stage 0" in str(info.value) and "timed out" in str(info.value)
     dist.barrier()
+
+    # a peer that posts an error instead of receiving: the sender's wait_sends raises it fast
+    told = StageLink(comm, None if rank == 0 else 0, 1 if rank == 0 else None, shapes="static", timeout=30.0)
+    if rank == 0:
+        told.send_forward(torch.zeros(1 << 16))  # 256 KiB: completes only once received
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="a stage reported: stage 1 gave up") as info:
+            told.wait_sends()
+        assert not isinstance(info.value, TimeoutError) and time.monotonic() - start < SLACK
+    else:
+        told.post_error("stage 1 gave up")
+    dist.barrier()
     return rank
 
 

@@ -76,6 +76,8 @@ def _train(mesh, schedule, stage_ids, rows, **runner_args):
         opt.step()
         if runner.reducer is not None:  # dp: buckets all-reduced while the backward ran
             assert runner.reducer.started_early >= 2, runner.reducer.started_early
+    runner.close()  # hooks off the parameters, link aborted
+    assert runner.reducer is None and runner.p2p is None
     return stages, losses
 
 

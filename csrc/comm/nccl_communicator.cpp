@@ -67,29 +67,16 @@ NcclCommunicator::NcclCommunicator(std::shared_ptr<NcclState> state, int rank, i
     : Communicator(rank, size, at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device_index)), timeout_s),
       state_(std::move(state)),
       device_index_(static_cast<c10::DeviceIndex>(device_index)),
-      owned_stream_(device_index_),
-      stream_(c10::cuda::getStreamFromExternal(owned_stream_.raw, device_index_)),
+      stream_lease_(device_index_),
+      stream_(stream_lease_.stream()),
       watchdog_(std::make_unique<NcclWatchdog>(state_, device_index_)) {}
-
-NcclCommunicator::OwnedStream::OwnedStream(c10::DeviceIndex device) {
-  c10::cuda::CUDAGuard guard(device);
-  int least = 0, greatest = 0;
-  C10_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-  C10_CUDA_CHECK(cudaStreamCreateWithPriority(&raw, cudaStreamNonBlocking, greatest));
-}
-
-NcclCommunicator::OwnedStream::~OwnedStream() {
-  if (raw != nullptr) cudaStreamDestroy(raw);  // never throws; CUDA waits for its pending work
-}
 
 NcclCommunicator::~NcclCommunicator() {
   watchdog_.reset();  // joins its thread (it holds no tensors: the Works do)
-  // Not closed: abort (local; never waits for peers, so a process can always exit).
+  // Not closed: abort (local; never waits for peers, so a process can always exit). Works
+  // still in flight then raise instead of reporting aborted operations as done.
   std::lock_guard<std::mutex> lock(state_->mu);
-  if (state_->comm != nullptr) {
-    ncclCommAbort(state_->comm);
-    state_->comm = nullptr;
-  }
+  if (state_->comm != nullptr) state_->fail_locked(who() + ": the communicator was destroyed", false);
 }
 
 void NcclCommunicator::abort() {
@@ -101,15 +88,17 @@ void NcclCommunicator::abort() {
 void NcclCommunicator::close(std::optional<double> timeout_s) {
   c10::cuda::CUDAGuard guard(device_index_);
   std::lock_guard<std::mutex> lock(state_->mu);
-  if (state_->comm == nullptr) return;  // already closed or aborted
+  if (state_->closed) return;
+  state_->raise_if_failed_locked();  // an aborted or failed communicator says so
   const std::string what = who() + ": close (ncclCommFinalize)";
   // Finalize flushes this communicator's pending operations (which needs the peers), then
-  // destroy frees it. Past the deadline the poll aborts it and raises CommTimeout.
+  // destroy frees it. Past the deadline the poll aborts it and raises CommTimeout. Works
+  // that completed stay good; new operations raise.
   nccl_check(ncclCommFinalize(state_->comm), what);
   nccl_wait_ready_locked(*state_, what, deadline_after(timeout_s.value_or(this->timeout_s())));
   ncclCommDestroy(state_->comm);
   state_->comm = nullptr;
-  if (state_->error.empty()) state_->error = who() + ": the communicator was closed";
+  state_->closed = true;
 }
 
 void NcclCommunicator::check() {
@@ -131,6 +120,7 @@ CommunicatorPtr NcclCommunicator::fork() {
   {
     std::lock_guard<std::mutex> lock(state_->mu);
     state_->raise_if_failed_locked();
+    if (state_->closed) throw CommError(who() + ": fork: the communicator was closed");
     ncclConfig_t config = nonblocking_config();
     const std::string what = who() + ": ncclCommSplit";
     // color 0, key = rank: the same ranks in the same order, an independent communicator
@@ -156,6 +146,7 @@ std::shared_ptr<CudaEvent> NcclCommunicator::enqueue(const std::string& what, co
   {
     std::lock_guard<std::mutex> lock(state_->mu);
     state_->raise_if_failed_locked();
+    if (state_->closed) throw CommError(what + ": the communicator was closed");
     nccl_check(ncclGroupStart(), what);
     try {
       body(state_->comm, stream_.stream());

@@ -1,12 +1,13 @@
 #pragma once
 // The NCCL backend: tandem's own ncclComm_t (non-blocking mode) and its own high-priority
-// comm stream (created for it, not taken from torch's shared pool, so no other library's
-// kernels queue behind its collectives). Ordering between the caller's current stream and the comm stream uses CUDA
+// comm stream (lent from tandem's own streams, not torch's shared pool, so no other
+// library's kernels queue behind its collectives). Ordering between the caller's current stream and the comm stream uses CUDA
 // events only: no host synchronisation, no reliance on CUDA_DEVICE_MAX_CONNECTIONS.
 #ifdef TANDEM_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
 
 #include "comm/communicator.h"
+#include "comm/cuda_streams.h"
 #include "comm/nccl_watchdog.h"
 
 namespace tandem::comm {
@@ -44,16 +45,9 @@ class NcclCommunicator final : public Communicator {
   std::shared_ptr<CudaEvent> enqueue(const std::string& what, const std::vector<at::Tensor>& tensors, Body&& body);
   WorkPtr make_work(std::string what, std::shared_ptr<CudaEvent> end, std::vector<at::Tensor> tensors);
 
-  // A stream of the highest priority, owned by this communicator.
-  struct OwnedStream {
-    explicit OwnedStream(c10::DeviceIndex device);
-    ~OwnedStream();
-    cudaStream_t raw = nullptr;
-  };
-
   std::shared_ptr<NcclState> state_;
   c10::DeviceIndex device_index_;
-  OwnedStream owned_stream_;
+  StreamLease stream_lease_;  // before stream_: it is initialised from it
   c10::cuda::CUDAStream stream_;
   std::unique_ptr<NcclWatchdog> watchdog_;
 };

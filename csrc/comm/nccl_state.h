@@ -24,6 +24,7 @@ struct NcclState {
   std::string error;  // the first error (empty while healthy)
   bool timed_out = false;
   std::string who;  // "rank 1 of 4"
+  bool closed = false;  // close() finalized and destroyed comm: new operations raise
   // Set without the lock by abort() from any thread: a poll loop holding mu sees it and fails
   // at once, so abort() never waits for an enqueue that waits for NCCL.
   std::atomic<bool> abort_requested{false};

@@ -41,6 +41,7 @@ void bind(py::module_& m) {
            py::arg("timeout") = py::none(), Release())
       .def("wait_sends", &StageLink::wait_sends, py::arg("timeout") = py::none(), Release())
       .def("post_error", &StageLink::post_error, Release())
+      .def("abort", &StageLink::abort, Release())
       .def("progress", py::overload_cast<>(&StageLink::progress), Release())
       .def_property_readonly("stage", &StageLink::stage)
       .def_property_readonly("prev_rank", &StageLink::prev)

@@ -1,8 +1,15 @@
 // StageLink: see stage_link.h.
 #include "p2p/stage_link.h"
 
+#include <algorithm>
 #include <cstdio>
+#include <map>
 
+#ifdef TANDEM_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+
+#include "comm/cuda_streams.h"
+#endif
 #include "comm/errors.h"
 
 namespace tandem::p2p {
@@ -104,6 +111,34 @@ StageLink::StageLink(comm::CommunicatorPtr comm, std::optional<int> prev, std::o
   recv_bwd_ = Direction{bwd_[out_color], next, "recv_backward", "last"};
 }
 
+StageLink::~StageLink() {
+  for (Direction* d : {&recv_fwd_, &recv_bwd_}) {
+    for (auto& weak : d->posted) {
+      if (auto r = weak.lock()) {
+        if (r->header_work) r->header_work->cancel();
+        if (r->work) r->work->cancel();
+      }
+    }
+  }
+}
+
+void StageLink::abort() {
+  for (auto* forks : {&fwd_, &bwd_})
+    for (auto& c : *forks) c->abort();
+}
+
+void StageLink::fail(Direction& d, const std::string& why) {
+  if (d.failed.empty()) d.failed = why;
+  for (auto& weak : d.posted) {
+    if (auto r = weak.lock()) {
+      if (r->header_work) r->header_work->cancel();
+      if (r->work) r->work->cancel();
+    }
+  }
+  d.posted.clear();
+  d.queued.clear();
+}
+
 std::string StageLink::describe(const Direction& d) const {
   const bool is_send = d.op[0] == 's';
   return "stage " + std::to_string(stage_) + ": " + d.op + (is_send ? " to" : " from") + " stage " +
@@ -121,7 +156,10 @@ void StageLink::reap_sends() {
   while (!pending_.empty() && (pending_.front().work->is_completed() || pending_.size() > kMaxPendingSends)) {
     PendingSend p = std::move(pending_.front());
     pending_.pop_front();
-    guarded(p.what, [&] { p.work->wait(timeout_s_); });  // raises a failed send's error
+    // raises a failed send's error; an overflowing queue waits for its oldest send
+    await(*p.work, p.what, timeout_s_, Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                                          std::chrono::duration<double>(timeout_s_)),
+          device_.is_cpu());
   }
 }
 
@@ -155,10 +193,12 @@ void StageLink::send_forward(const at::Tensor& activation) { post_send(send_fwd_
 void StageLink::send_backward(const at::Tensor& grad) { post_send(send_bwd_, grad); }
 
 void StageLink::wait_sends(std::optional<double> timeout_s) {
+  const double limit = timeout_s.value_or(timeout_s_);
+  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(limit));
   while (!pending_.empty()) {
     PendingSend p = std::move(pending_.front());
     pending_.pop_front();
-    guarded(p.what, [&] { p.work->wait(timeout_s.value_or(timeout_s_)); });
+    await(*p.work, p.what, limit, deadline, device_.is_cpu());  // reads the error board meanwhile
   }
 }
 
@@ -166,6 +206,9 @@ void StageLink::wait_sends(std::optional<double> timeout_s) {
 
 at::Tensor StageLink::acquire_buffer(Direction& d, const TensorMeta& meta) {
   const auto options = at::TensorOptions().dtype(meta.dtype).device(device_);
+  // CUDA: the caching allocator already reuses memory, and knows which streams still use
+  // it (a reader of a received tensor on another stream would not be seen by a pool).
+  if (!device_.is_cpu()) return at::empty(meta.shape, options);
   // The pool keeps storages, not tensors: once the caller dropped every tensor on one
   // (views and autograd's saved tensors included), only the pool holds it and it is reused.
   for (const auto& storage : d.pool) {
@@ -190,7 +233,15 @@ std::shared_ptr<RecvHandle> StageLink::post_recv(Direction& d) {
     r->meta = d.agreed;
   }  // else: static, behind the handshake: the header's meta, once it lands
   d.queued.push_back(r);
-  progress(d);
+  d.posted.erase(std::remove_if(d.posted.begin(), d.posted.end(), [](const auto& w) { return w.expired(); }),
+                 d.posted.end());
+  d.posted.push_back(r);
+  try {
+    progress(d);
+  } catch (const std::exception& e) {
+    fail(d, e.what());  // no handle to return: the receive would be orphaned
+    throw;
+  }
   return std::make_shared<RecvHandle>(shared_from_this(), r);
 }
 
@@ -208,11 +259,8 @@ void StageLink::progress(Direction& d) {
         r.header_work = guarded(r.what, [&] { return d.comm->recv(r.header, *d.peer); });
       }
       if (!r.header_work->is_completed()) return;
-      guarded(r.what, [&] {
-        r.header_work->synchronize(timeout_s_);  // completed: raises its error, if any
-        r.header_work->wait(timeout_s_);         // CUDA: order the copy below after the comm stream
-      });
-      r.meta = decode_header(r.header.cpu(), "tandem.comm.StageLink (" + r.what + ")");
+      guarded(r.what, [&] { r.header_work->synchronize(timeout_s_); });  // completed: raises its error
+      r.meta = decode_header(header_on_host(r), "tandem.comm.StageLink (" + r.what + ")");
       if (mode_ == ShapeMode::kStatic) d.agreed = r.meta;
     }
     r.buf = mode_ == ShapeMode::kStatic
@@ -228,9 +276,29 @@ void StageLink::progress() {
     if (d->queued.empty() || !d->failed.empty()) continue;
     try {
       progress(*d);
-    } catch (const std::exception&) {  // the receive's wait() raises it
+    } catch (const std::exception&) {  // the receives' wait() raises it
     }
   }
+}
+
+at::Tensor StageLink::header_on_host(PostedRecv& r) {
+#ifdef TANDEM_WITH_CUDA
+  if (device_.is_cuda()) {
+    // A side stream waits for the header (landed already) and copies it; the host waits for
+    // that copy only, not for the compute queued on the caller's stream.
+    static thread_local std::map<c10::DeviceIndex, std::unique_ptr<comm::StreamLease>> side;
+    auto& lease = side[device_.index()];
+    if (!lease) lease = std::make_unique<comm::StreamLease>(device_.index());
+    c10::cuda::CUDAStreamGuard guard(lease->stream());
+    r.header_work->wait(timeout_s_);  // the side stream after the comm stream
+    at::Tensor host = at::empty({kHeaderLen}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    host.copy_(r.header, /*non_blocking=*/true);
+    lease->stream().synchronize();
+    return host;
+  }
+#endif
+  r.header_work->wait(timeout_s_);
+  return r.header;
 }
 
 bool StageLink::is_completed(PostedRecv& r) {
@@ -255,9 +323,13 @@ void StageLink::await(comm::Work& work, const std::string& what, double limit_s,
       return;
     }
     while (!work.wait_for(std::chrono::duration<double>(ErrorBoard::kCheckInterval).count())) {
-      board_.check(false);
+      try {
+        board_.check(Clock::now() >= deadline);  // forced at the deadline: it explains the silence
+      } catch (const comm::CommError&) {
+        work.cancel();  // no thread stays blocked on it
+        throw;
+      }
       if (Clock::now() >= deadline) {
-        board_.check(true);  // a peer's posted error explains the silence
         work.cancel();
         throw comm::CommTimeout("timed out after " + seconds(limit_s));
       }
@@ -288,9 +360,9 @@ at::Tensor StageLink::wait(PostedRecv& r, double timeout_s) {
       progress(d);
     }
     await(*r.work, r.what, timeout_s, deadline, /*host=*/device_.is_cpu());
-  } catch (const comm::CommError& e) {
-    if (d.failed.empty()) d.failed = e.what();
+  } catch (const std::exception& e) {
     r.taken = true;
+    fail(d, e.what());  // cancels the direction's other receives: their order is lost
     throw;
   }
   r.taken = true;

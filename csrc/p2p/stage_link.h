@@ -56,6 +56,8 @@ class StageLink : public std::enable_shared_from_this<StageLink> {
   // board: where a failing stage posts its error and waiting stages look (default: local).
   StageLink(comm::CommunicatorPtr comm, std::optional<int> prev, std::optional<int> next, ShapeMode mode,
             double timeout_s, ErrorBoard board = ErrorBoard());
+  // Cancels the receives still posted (c10d: aborts them, so no thread waits on them).
+  ~StageLink();
 
   // timeout_s: this call's limit on each wait (default: the link's).
   void send_forward(const at::Tensor& activation);  // to next
@@ -76,6 +78,8 @@ class StageLink : public std::enable_shared_from_this<StageLink> {
   void progress();
   // Posts `message` on the error board: every stage waiting on this link's board raises it.
   void post_error(const std::string& message) { board_.post(message); }
+  // Aborts the link's communicators (local: never waits for a peer); later calls raise.
+  void abort();
 
   int stage() const { return stage_; }
   std::optional<int> prev() const { return prev_; }
@@ -98,6 +102,7 @@ class StageLink : public std::enable_shared_from_this<StageLink> {
     bool handshake_posted = false;     // static mode: the first receive expects the header
     std::vector<c10::Storage> pool;    // static mode: memory of receive buffers
     std::deque<std::shared_ptr<PostedRecv>> queued;  // receives not yet on the wire, in order
+    std::vector<std::weak_ptr<PostedRecv>> posted;   // every receive not yet taken
     std::string failed;                // a receive failed: the order is lost, later ones fail
   };
   struct PendingSend {
@@ -115,6 +120,10 @@ class StageLink : public std::enable_shared_from_this<StageLink> {
   void await(comm::Work& work, const std::string& what, double limit_s,
              std::chrono::steady_clock::time_point deadline, bool host);
   at::Tensor acquire_buffer(Direction& d, const TensorMeta& meta);
+  // Marks d failed (its order is lost) and cancels every receive still posted on it.
+  void fail(Direction& d, const std::string& why);
+  // The header of r (landed) on the host, without waiting for the caller's stream.
+  at::Tensor header_on_host(PostedRecv& r);
   void reap_sends();
   std::string describe(const Direction& d) const;  // "stage 1: recv_forward from stage 0"
   void require_peer(const Direction& d) const;

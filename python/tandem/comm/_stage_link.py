@@ -8,7 +8,7 @@ from typing import Optional
 from torch import Tensor
 
 from tandem import _C
-from tandem.comm._communicator import DEFAULT_TIMEOUT, Communicator
+from tandem.comm._communicator import DEFAULT_TIMEOUT, Communicator, _live_nccl
 
 __all__ = ["StageLink", "RecvHandle"]
 
@@ -77,6 +77,8 @@ class StageLink:
             store, board_key = _default_board(comm)
         self._impl = _C._StageLink(comm._impl, prev_rank, next_rank, shapes, float(timeout),
                                    store, board_key)
+        if comm.backend == "nccl":  # its forks are NCCL communicators too: abort them at exit
+            _live_nccl.add(self)
 
     @property
     def stage(self) -> int:
@@ -107,6 +109,10 @@ class StageLink:
     def board_key(self) -> str:
         """The store key of this link's error board ("" without one)."""
         return self._impl.board_key
+
+    def abort(self) -> None:
+        """Abort the link's communicators (local: never waits for a peer); later calls raise."""
+        self._impl.abort()
 
     def post_error(self, message: str) -> None:
         """Post ``message`` on the error board: peers waiting on this link raise it."""

@@ -123,11 +123,8 @@ def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, me
     first, last = rank == 0, rank == pp - 1
     device = mesh.device
     prompt = prompt.to(device=device, dtype=torch.int64)
-    board = ErrorBoard(f"generate{next(_generation_ids)}")
     who = f"pipeline rank {rank} (global rank {mesh.rank})"
-    # a ring: hidden states go to the next rank, the last rank's tokens wrap around to rank 0
-    link = StageTraffic(mesh.pp_comm, (rank - 1) % pp, (rank + 1) % pp, board=board, timeout=timeout,
-                        shapes="dynamic", who=who) if pp > 1 else None
+    link, board = _ring(mesh, timeout, who) if pp > 1 else (None, ErrorBoard(f"generate{next(_generation_ids)}"))
     out = torch.zeros(batch, s0 + max_new_tokens, dtype=torch.int64, device=device)
     out[:, :s0] = prompt
     tokens: dict = {}  # (t, i) -> [b_i] next tokens, when pp == 1
@@ -175,13 +172,36 @@ def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, me
             if not last:
                 out.zero_()
             wait(mesh.pp_comm.all_reduce(out), f"{who}: output all-reduce", board, timeout)
-    except PipelineError:
-        raise
     except Exception as e:
+        _drop_ring(mesh)  # its messages are out of step now: the next call builds a new one
+        if isinstance(e, PipelineError):
+            raise
         message = f"stage {rank} ({who}) failed in generate: {type(e).__name__}: {e}"
         board.post(message)
         raise PipelineError(message) from e
     return out
+
+
+def _ring(mesh, timeout: float, who: str):
+    """The StageLink ring of ``mesh``'s pipeline group for generation, built once (collective
+    over the group: every pipeline rank calls generate) and kept on the mesh: hidden states go
+    to the next rank, the last rank's tokens wrap around to rank 0."""
+    cached = mesh._comms.get("generate_ring")
+    if cached is not None and cached[0] == timeout:
+        return cached[1], cached[2]
+    _drop_ring(mesh)
+    rank, pp = mesh.pp_rank, mesh.pp
+    board = ErrorBoard(f"generate{next(_generation_ids)}")
+    link = StageTraffic(mesh.pp_comm, (rank - 1) % pp, (rank + 1) % pp, board=board, timeout=timeout,
+                        shapes="dynamic", who=who)
+    mesh._comms["generate_ring"] = (timeout, link, board)
+    return link, board
+
+
+def _drop_ring(mesh) -> None:
+    cached = mesh._comms.pop("generate_ring", None)
+    if cached is not None:
+        cached[1].link.abort()
 
 
 def _vocab(module: nn.Module) -> int:
