@@ -197,6 +197,22 @@ def _world2(rank, n):
     else:
         told.post_error("stage 1 gave up")
     dist.barrier()
+
+    # receives queued behind a header when the direction fails: each raises, none hangs
+    queued = StageLink(comm, None if rank == 0 else 0, 1 if rank == 0 else None, shapes="dynamic", timeout=30.0)
+    if rank == 1:
+        handles = [queued.irecv_forward() for _ in range(3)]
+        dist.barrier()
+        with pytest.raises(RuntimeError, match="a stage reported: stage 0 gave up"):
+            handles[0].wait()
+        assert handles[2].is_completed()  # done: its wait raises
+        for h in handles[1:]:
+            with pytest.raises(RuntimeError, match="an earlier receive failed"):
+                h.wait(timeout=SHORT)
+    else:
+        dist.barrier()
+        queued.post_error("stage 0 gave up")
+    dist.barrier()
     return rank
 
 

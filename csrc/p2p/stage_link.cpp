@@ -304,6 +304,7 @@ at::Tensor StageLink::header_on_host(PostedRecv& r) {
 bool StageLink::is_completed(PostedRecv& r) {
   if (r.taken) return true;
   Direction& d = r.direction == 0 ? recv_fwd_ : recv_bwd_;
+  if (!r.work && !d.failed.empty()) return true;  // wait() raises
   if (!r.work) {
     try {
       progress(d);
@@ -353,8 +354,11 @@ at::Tensor StageLink::wait(PostedRecv& r, double timeout_s) {
   const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                            std::chrono::duration<double>(timeout_s));
   try {
+    if (!r.work && !d.failed.empty())  // the failure dropped it from the queue
+      throw comm::CommError(r.what + ": an earlier receive failed (" + d.failed + ")");
     progress(d);
     while (!r.work) {  // queued: the head of the queue waits for its header
+      TORCH_INTERNAL_ASSERT(!d.queued.empty(), r.what, ": a queued receive left the queue");
       PostedRecv& head = *d.queued.front();
       await(*head.header_work, head.what, timeout_s, deadline, /*host=*/true);
       progress(d);
