@@ -103,6 +103,18 @@ def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, me
     from tandem.mesh import Mesh, get_mesh
 
     mesh = mesh if mesh is not None else (get_mesh() or Mesh.single())
+    try:
+        return _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature, seed,
+                         timeout, on_token)
+    except BaseException:
+        # whatever failed, on whichever rank: the ring's messages may be out of step, and every
+        # rank must agree on rebuilding it, so every rank that raises drops it
+        _drop_ring(mesh)
+        raise
+
+
+def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature, seed, timeout,
+              on_token) -> Tensor:
     pp, rank = mesh.pp, mesh.pp_rank
     if not isinstance(prompt, Tensor) or prompt.dim() != 2 or prompt.dtype not in (torch.int64, torch.int32):
         raise ValueError("generate: prompt must be int token ids of shape [B, s0]")
@@ -173,7 +185,6 @@ def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, me
                 out.zero_()
             wait(mesh.pp_comm.all_reduce(out), f"{who}: output all-reduce", board, timeout)
     except Exception as e:
-        _drop_ring(mesh)  # its messages are out of step now: the next call builds a new one
         if isinstance(e, PipelineError):
             raise
         message = f"stage {rank} ({who}) failed in generate: {type(e).__name__}: {e}"
