@@ -113,7 +113,9 @@ def _check_bad_input(comm, rank, n):
 
 
 def _check_recv_timeout(comm, rank, n):
-    """A recv whose peer never sends raises a timeout naming rank, peer, operation."""
+    """A recv whose peer never sends raises a timeout naming rank, peer, operation; the
+    receive stays parked, so a message that arrives late lands there and the connection
+    between the two ranks keeps working."""
     side = comm.fork()  # its own tag: nothing else can match this recv
     if rank == 0:
         w = side.recv(torch.empty(3), 1)
@@ -122,6 +124,17 @@ def _check_recv_timeout(comm, rank, n):
         assert isinstance(info.value, RuntimeError)
         msg = str(info.value)
         assert f"rank 0 of {n}" in msg and "recv" in msg and "from rank 1" in msg and "timed out" in msg, msg
+    dist.barrier()
+    if rank == 1:
+        side.send(torch.ones(3), 0).wait()  # the late message
+    # an unrelated exchange between the same two ranks still goes through
+    if rank in (0, 1):
+        t = torch.full((4,), float(rank))
+        other = 1 - rank
+        works = comm.batch_p2p([("send", t, other), ("recv", got := torch.empty(4), other)])
+        for w in works:
+            w.wait(timeout=20.0)
+        assert torch.equal(got, torch.full((4,), float(other)))
 
 
 def _check_wait_for_and_close(comm, rank, n):

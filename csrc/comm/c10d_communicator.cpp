@@ -45,8 +45,10 @@ struct P2PWaiter {
 // Gloo reports a send/recv complete only once someone waited for it, and gloo's own timeout
 // on such a wait closes every connection of the group. So each (communicator, peer, kind)
 // has one long-lived thread that waits for its operations without a timeout, in posting
-// order (gloo matches and completes them in that order); our deadline aborts an operation
-// instead, which wakes the thread, and the group stays usable.
+// order (gloo matches and completes them in that order); our deadline only stops the
+// caller's wait. An operation past its deadline stays posted (parked), never aborted: gloo
+// would keep an aborted receive registered, and the late message would then stop the
+// connection (see C10dWork::cancel).
 class P2PWaitQueue {
  public:
   P2PWaitQueue() = default;
@@ -154,9 +156,12 @@ class C10dWork final : public Work {
     return waiter_->cv.wait_for(lock, std::chrono::duration<double>(timeout_s), [&] { return waiter_->finished; });
   }
 
-  void cancel() override {
-    if (waiter_ && !is_completed()) abort_quietly();
-  }
+  // Parks the operation: gloo keeps it registered on the connection even when aborted, and
+  // a message that arrives for a freed buffer stops that connection's reader for good. So
+  // the operation stays posted, its buffer alive (the wait queue holds the work), and a late
+  // message lands in it harmlessly; the queue's thread moves on when it completes or the
+  // group is destroyed.
+  void cancel() override {}
 
  private:
   // A collective runs on a gloo worker thread; Work::wait(timeout) waits for it without
@@ -178,8 +183,7 @@ class C10dWork final : public Work {
     std::unique_lock<std::mutex> lock(waiter_->mu);
     if (!waiter_->cv.wait_for(lock, std::chrono::duration<double>(limit), [&] { return waiter_->finished; })) {
       lock.unlock();
-      abort_quietly();  // wakes the helper; the posted buffer is given up
-      fail(true, "", limit);
+      fail(true, "", limit);  // the operation stays parked (see cancel)
     }
     if (!waiter_->error.empty()) fail(false, waiter_->error, limit);
     if (!waiter_->ok) fail(false, "the operation was aborted", limit);
@@ -195,13 +199,6 @@ class C10dWork final : public Work {
   [[noreturn]] void throw_error() const {
     if (timed_out_) throw CommTimeout(error_);
     throw CommError(error_);
-  }
-
-  void abort_quietly() {
-    try {
-      work_->abort();
-    } catch (...) {  // abort is best effort: the timeout is what we report
-    }
   }
 
   static std::string format_seconds(double s) {

@@ -29,8 +29,9 @@ class Work {
   // Blocks the host for at most timeout_s; returns is_completed(). Never raises, never
   // disturbs the operation: a caller waits in slices and checks other things in between.
   virtual bool wait_for(double timeout_s);
-  // Gives up on the operation (c10d: aborts the posted send/recv so that no thread stays
-  // blocked on it; NCCL: nothing, the communicator's watchdog owns its deadline).
+  // The caller gives up on the operation. c10d: it stays posted with its buffer (a late
+  // message lands there; aborting it in gloo would stop the connection); NCCL: nothing, the
+  // communicator's watchdog owns its deadline.
   virtual void cancel() {}
 
   // "rank 1 of 4: all_reduce of float[8, 16]" (what the error messages say).

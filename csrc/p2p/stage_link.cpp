@@ -111,31 +111,15 @@ StageLink::StageLink(comm::CommunicatorPtr comm, std::optional<int> prev, std::o
   recv_bwd_ = Direction{bwd_[out_color], next, "recv_backward", "last"};
 }
 
-StageLink::~StageLink() {
-  for (Direction* d : {&recv_fwd_, &recv_bwd_}) {
-    for (auto& weak : d->posted) {
-      if (auto r = weak.lock()) {
-        if (r->header_work) r->header_work->cancel();
-        if (r->work) r->work->cancel();
-      }
-    }
-  }
-}
-
 void StageLink::abort() {
   for (auto* forks : {&fwd_, &bwd_})
     for (auto& c : *forks) c->abort();
 }
 
 void StageLink::fail(Direction& d, const std::string& why) {
-  if (d.failed.empty()) d.failed = why;
-  for (auto& weak : d.posted) {
-    if (auto r = weak.lock()) {
-      if (r->header_work) r->header_work->cancel();
-      if (r->work) r->work->cancel();
-    }
-  }
-  d.posted.clear();
+  if (d.failed.empty()) d.failed = why.empty() ? describe(d) + ": failed" : why;
+  // Receives already on the wire stay posted (a late message lands in their buffers);
+  // queued ones never go out.
   d.queued.clear();
 }
 
@@ -233,9 +217,6 @@ std::shared_ptr<RecvHandle> StageLink::post_recv(Direction& d) {
     r->meta = d.agreed;
   }  // else: static, behind the handshake: the header's meta, once it lands
   d.queued.push_back(r);
-  d.posted.erase(std::remove_if(d.posted.begin(), d.posted.end(), [](const auto& w) { return w.expired(); }),
-                 d.posted.end());
-  d.posted.push_back(r);
   try {
     progress(d);
   } catch (const std::exception& e) {

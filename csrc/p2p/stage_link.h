@@ -56,8 +56,6 @@ class StageLink : public std::enable_shared_from_this<StageLink> {
   // board: where a failing stage posts its error and waiting stages look (default: local).
   StageLink(comm::CommunicatorPtr comm, std::optional<int> prev, std::optional<int> next, ShapeMode mode,
             double timeout_s, ErrorBoard board = ErrorBoard());
-  // Cancels the receives still posted (c10d: aborts them, so no thread waits on them).
-  ~StageLink();
 
   // timeout_s: this call's limit on each wait (default: the link's).
   void send_forward(const at::Tensor& activation);  // to next
@@ -102,7 +100,6 @@ class StageLink : public std::enable_shared_from_this<StageLink> {
     bool handshake_posted = false;     // static mode: the first receive expects the header
     std::vector<c10::Storage> pool;    // static mode: memory of receive buffers
     std::deque<std::shared_ptr<PostedRecv>> queued;  // receives not yet on the wire, in order
-    std::vector<std::weak_ptr<PostedRecv>> posted;   // every receive not yet taken
     std::string failed;                // a receive failed: the order is lost, later ones fail
   };
   struct PendingSend {
@@ -120,7 +117,7 @@ class StageLink : public std::enable_shared_from_this<StageLink> {
   void await(comm::Work& work, const std::string& what, double limit_s,
              std::chrono::steady_clock::time_point deadline, bool host);
   at::Tensor acquire_buffer(Direction& d, const TensorMeta& meta);
-  // Marks d failed (its order is lost) and cancels every receive still posted on it.
+  // Marks d failed (its order is lost): later receives on it raise.
   void fail(Direction& d, const std::string& why);
   // The header of r (landed) on the host, without waiting for the caller's stream.
   at::Tensor header_on_host(PostedRecv& r);

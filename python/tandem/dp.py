@@ -159,9 +159,11 @@ class OverlappedGradReducer:
             self.started_early += 1
 
     def _start(self, b: _Bucket) -> None:
-        # (sum of numels,): every parameter's gradient, zeros where there is none
-        b.flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                            for p in b.params])
+        # (sum of numels + one per parameter,): every parameter's gradient (zeros where there
+        # is none), then 1 per parameter that has one: summed, the count of replicas with it
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in b.params]
+        has = torch.tensor([p.grad is not None for p in b.params], dtype=grads[0].dtype, device=grads[0].device)
+        b.flat = torch.cat(grads + [has])
         b.work = self.mesh.dp_comm.all_reduce(b.flat)  # summed over dp, asynchronously
         self._started.append(b)
 
@@ -178,21 +180,34 @@ class OverlappedGradReducer:
         else ``work.wait()``), and write the dp averages into ``param.grad``."""
         for g in range(len(self.groups)):
             self.flush_group(g)
-        with torch.no_grad():
-            for b in self._started:
-                if wait is not None:
-                    wait(b.work, "gradient all-reduce over dp")
-                else:
-                    b.work.wait()
-                b.flat.div_(self.mesh.dp)
-                offset = 0
-                for p in b.params:
-                    avg = b.flat[offset:offset + p.numel()].view_as(p)
-                    if p.grad is None:
-                        p.grad = avg.clone()
+        try:
+            with torch.no_grad():
+                for b in self._started:
+                    if wait is not None:
+                        wait(b.work, "gradient all-reduce over dp")
                     else:
-                        p.grad.copy_(avg)
-                    offset += p.numel()
+                        b.work.wait()
+                    counts = b.flat[-len(b.params):].tolist()  # replicas that had each gradient
+                    b.flat.div_(self.mesh.dp)
+                    offset = 0
+                    for p, count in zip(b.params, counts):
+                        avg = b.flat[offset:offset + p.numel()].view_as(p)
+                        offset += p.numel()
+                        if count == 0:
+                            continue  # no replica had one: it stays None, as without dp
+                        if p.grad is None:
+                            p.grad = avg.clone()
+                        else:
+                            p.grad.copy_(avg)
+        finally:
+            self._clear()
+
+    def begin_step(self) -> None:
+        """Start a step: forget every bucket's state (also what a failed step left behind)."""
+        self._clear()
+        self.started_early = 0
+
+    def _clear(self) -> None:
         for buckets in self.groups:
             for b in buckets:
                 b.flat = b.work = None
@@ -201,9 +216,6 @@ class OverlappedGradReducer:
         self._started = []
         self._armed.clear()
         self._before.clear()
-
-    def reset_counters(self) -> None:
-        self.started_early = 0
 
     def remove(self) -> None:
         """Remove the hooks (the reducer is done for good)."""

@@ -131,16 +131,17 @@ def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temp
     if not 1 <= m <= batch:
         raise ValueError(f"generate: num_microbatches must be in 1..{batch} (the batch), got {m}")
     rows = [r.tolist() for r in torch.arange(batch).tensor_split(m)]
-    st = _Stage(stage_module, [len(r) for r in rows], s0 + max_new_tokens)
     first, last = rank == 0, rank == pp - 1
     device = mesh.device
-    prompt = prompt.to(device=device, dtype=torch.int64)
     who = f"pipeline rank {rank} (global rank {mesh.rank})"
+    # the ring first: from here on a failure is posted on its board, so every rank stops
     link, board = _ring(mesh, timeout, who) if pp > 1 else (None, ErrorBoard(f"generate{next(_generation_ids)}"))
-    out = torch.zeros(batch, s0 + max_new_tokens, dtype=torch.int64, device=device)
-    out[:, :s0] = prompt
     tokens: dict = {}  # (t, i) -> [b_i] next tokens, when pp == 1
     try:
+        st = _Stage(stage_module, [len(r) for r in rows], s0 + max_new_tokens)
+        prompt = prompt.to(device=device, dtype=torch.int64)
+        out = torch.zeros(batch, s0 + max_new_tokens, dtype=torch.int64, device=device)
+        out[:, :s0] = prompt
         for t in range(max_new_tokens):
             offset = 0 if t == 0 else s0 + t - 1
             if link is not None and not first:  # post this step's receives early

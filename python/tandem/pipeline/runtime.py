@@ -225,7 +225,7 @@ class PipelineRunner:
         except (ValueError, TypeError) as e:
             self._fail(f"{self.who}: step refused: {e}", e)
         if train and self.reducer is not None:
-            self.reducer.reset_counters()
+            self.reducer.begin_step()
             for i, a in enumerate(self.lowered):
                 self._execute_reducing(i, a)
         else:
@@ -244,6 +244,15 @@ class PipelineRunner:
         if a.kind not in (K.B, K.W) or i < self._last_b[a.stage]:
             self._execute(a)
             return
+        try:
+            self._reduce_around(i, a)
+        except PipelineError:
+            raise
+        except Exception as e:  # the dp side of the action: fail every rank with it too
+            self._fail(f"stage {a.stage} ({self.who}) failed starting dp all-reduces after {a}: "
+                       f"{type(e).__name__}: {e}", e)
+
+    def _reduce_around(self, i: int, a: Action) -> None:
         from tandem.nn.wgrad import pending_params
 
         group, reducer, ex = self._group[a.stage], self.reducer, self.stages[a.stage]
