@@ -201,16 +201,9 @@ def main(argv=None) -> int:
         targets.append(common.target_line("4 KiB sendrecv: torch time / tandem time",
                                           small[0]["torch_us"] / small[0]["tandem_us"], 1 / 1.2))
     wrong = sum(r["wrong_tandem"] + r["wrong_torch"] for r in results)
-    if rank == 0:
-        if n == 1:
-            print("# targets not checked: with one rank the operations are local copies")
-        for t in targets:
-            t["key"] = t["description"]
-            print(t["line"])
-        print(f"# {len(results)} rows, {wrong} wrong values", flush=True)
-        if args.json:
-            common.write_json(args.json, benchmark_name="bench_comm", env=env, results=results, targets=targets,
-                              wrong=wrong, speedups=[], skipped_shapes=[])
+    notes = ("# targets not checked: with one rank the operations are local copies",) if n == 1 else ()
+    common.report("bench_comm", args, env, results, targets, rank=rank, wrong=wrong, notes=notes,
+                  speedups=[], skipped_shapes=[])
     dist.barrier()
     dist.destroy_process_group()
     return 0 if wrong == 0 else 1

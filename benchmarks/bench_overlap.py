@@ -113,17 +113,10 @@ def main(argv=None) -> int:
     targets = []
     if tp > 1:
         targets.append(common.target_line("overlap efficiency, best chunk count", max(effs) if effs else None, 0.70))
-        targets[-1]["key"] = targets[-1]["description"]
     wrong = sum(r.get("wrong", 0) for r in results)
-    if rank == 0:
-        for t in targets:
-            print(t["line"])
-        if tp == 1:
-            print("# target not checked: with one rank the all-reduce is a no-op")
-        print(f"# {len(results)} rows, {wrong} wrong values", flush=True)
-        if args.json:
-            common.write_json(args.json, benchmark_name="bench_overlap", env=env, results=results, targets=targets,
-                              wrong=wrong, speedups=[], skipped_shapes=[])
+    notes = ("# target not checked: with one rank the all-reduce is a no-op",) if tp == 1 else ()
+    common.report("bench_overlap", args, env, results, targets, rank=rank, wrong=wrong, notes=notes,
+                  speedups=[], skipped_shapes=[])
     dist.barrier()
     dist.destroy_process_group()
     return 0 if wrong == 0 else 1

@@ -250,12 +250,7 @@ def main():
             f"bubble within 10% of the simulator's: 0.10 / worst relative gap "
             f"({'n/a' if worst_gap is None else f'{worst_gap:.2f}'})",
             (0.10 / worst_gap if worst_gap else float("inf")) if worst_gap is not None else None, 1.0))
-    if mesh.rank == 0:
-        for t in targets:
-            print(t["line"], flush=True)
-    if mesh.rank == 0 and args.json:
-        common.write_json(args.json, benchmark_name="bench_pipeline", env=env, results=results,
-                          targets=targets)
+    common.report("bench_pipeline", args, env, results, targets, rank=mesh.rank)
     dist.destroy_process_group()
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "resolve_device",
     "synchronize",
     "target_line",
+    "report",
     "tflops",
     "write_json",
 ]
@@ -301,6 +302,25 @@ def target_line(description: str, value: Optional[float], target: float, unit: s
     shown = "n/a" if value is None else f"{value:.3f}{unit}"
     return {"description": description, "value": value, "target": target, "pass": ok,
             "line": f"# {'PASS' if ok else 'MISS'}  {description}: {shown} (target >= {target:.2f}{unit})"}
+
+
+def report(name: str, args, env: dict, results: list, targets: list, *, rank: int,
+           wrong: Optional[int] = None, notes: tuple = (), **extra: Any) -> None:
+    """The end of a benchmark: on rank 0, ``notes``, the targets' PASS/MISS lines and (when
+    ``wrong`` is counted) the row count with the wrong values; with ``--json`` the record."""
+    for t in targets:
+        t.setdefault("key", t["description"])
+    if rank != 0:
+        return
+    for note in notes:
+        print(note)
+    for t in targets:
+        print(t["line"], flush=True)
+    if wrong is not None:
+        print(f"# {len(results)} rows, {wrong} wrong values", flush=True)
+        extra["wrong"] = wrong
+    if args.json:
+        write_json(args.json, benchmark_name=name, env=env, results=results, targets=targets, **extra)
 
 
 def _finite(obj: Any) -> Any:

@@ -11,6 +11,14 @@ namespace tandem::p2p {
 
 void bind(py::module_& m) {
   using Release = py::call_guard<py::gil_scoped_release>;
+  py::class_<ErrorBoard>(m, "_ErrorBoard")
+      .def(py::init([](c10::intrusive_ptr<c10d::Store> store, const std::string& key) {
+             return store ? ErrorBoard(std::move(store), key) : ErrorBoard();
+           }),
+           py::arg("store"), py::arg("key"))
+      .def("post", &ErrorBoard::post, Release())
+      .def("check", &ErrorBoard::check, py::arg("force") = false, Release(),
+           "Raise CommError with the posted message, if any.");
   py::class_<RecvHandle, std::shared_ptr<RecvHandle>>(m, "RecvHandle", "One posted StageLink receive.")
       .def("is_completed", &RecvHandle::is_completed, Release())
       .def("wait", &RecvHandle::wait, py::arg("timeout") = py::none(), Release(),

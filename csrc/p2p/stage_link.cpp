@@ -46,6 +46,10 @@ auto guarded(const std::string& what, F&& f) -> decltype(f()) {
   }
 }
 
+Clock::time_point deadline_after(double seconds) {
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+}
+
 std::string seconds(double s) {
   char buf[32];
   std::snprintf(buf, sizeof(buf), "%.3g s", s);
@@ -141,9 +145,7 @@ void StageLink::reap_sends() {
     PendingSend p = std::move(pending_.front());
     pending_.pop_front();
     // raises a failed send's error; an overflowing queue waits for its oldest send
-    await(*p.work, p.what, timeout_s_, Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                                          std::chrono::duration<double>(timeout_s_)),
-          device_.is_cpu());
+    await(*p.work, p.what, timeout_s_, deadline_after(timeout_s_), device_.is_cpu());
   }
 }
 
@@ -178,7 +180,7 @@ void StageLink::send_backward(const at::Tensor& grad) { post_send(send_bwd_, gra
 
 void StageLink::wait_sends(std::optional<double> timeout_s) {
   const double limit = timeout_s.value_or(timeout_s_);
-  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(limit));
+  const auto deadline = deadline_after(limit);
   while (!pending_.empty()) {
     PendingSend p = std::move(pending_.front());
     pending_.pop_front();
@@ -332,8 +334,7 @@ void StageLink::await(comm::Work& work, const std::string& what, double limit_s,
 at::Tensor StageLink::wait(PostedRecv& r, double timeout_s) {
   TORCH_CHECK(!r.taken, "tandem.comm.StageLink (", r.what, "): this receive was already waited for");
   Direction& d = r.direction == 0 ? recv_fwd_ : recv_bwd_;
-  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                           std::chrono::duration<double>(timeout_s));
+  const auto deadline = deadline_after(timeout_s);
   try {
     if (!r.work && !d.failed.empty())  // the failure dropped it from the queue
       throw comm::CommError(r.what + ": an earlier receive failed (" + d.failed + ")");

@@ -13,6 +13,22 @@ __all__ = ["all_reduce_grads", "OverlappedGradReducer"]
 _BUCKET_BYTES = 32 << 20
 
 
+def _split(tensors: list, limit: int) -> list[list]:
+    """``tensors`` in order, cut into runs of one dtype and at most ``limit`` bytes each (a
+    larger tensor forms a run of its own)."""
+    runs, current, size = [], [], 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if current and (t.dtype != current[0].dtype or size + nbytes > limit):
+            runs.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += nbytes
+    if current:
+        runs.append(current)
+    return runs
+
+
 def all_reduce_grads(params: Iterable[nn.Parameter], mesh: Optional[Mesh] = None) -> None:
     """Average the gradients of ``params`` over the dp group, in place.
 
@@ -22,18 +38,8 @@ def all_reduce_grads(params: Iterable[nn.Parameter], mesh: Optional[Mesh] = None
     mesh = mesh if mesh is not None else get_mesh()
     if mesh is None or mesh.dp == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    buckets, current, size = [], [], 0
-    for g in grads:
-        if current and (g.dtype != current[0].dtype or size + g.numel() * g.element_size() > _BUCKET_BYTES):
-            buckets.append(current)
-            current, size = [], 0
-        current.append(g)
-        size += g.numel() * g.element_size()
-    if current:
-        buckets.append(current)
     pending = []
-    for bucket in buckets:
+    for bucket in _split([p.grad for p in params if p.grad is not None], _BUCKET_BYTES):
         flat = torch.cat([g.reshape(-1) for g in bucket])  # (sum of numels,)
         pending.append((bucket, flat, mesh.dp_comm.all_reduce(flat)))  # summed over dp
     for bucket, flat, work in pending:
@@ -98,16 +104,7 @@ class OverlappedGradReducer:
 
         self._hooks = []
         for index, params in enumerate(groups):
-            buckets, current, size = [], [], 0
-            for p in reversed([p for p in params if p.requires_grad]):
-                nbytes = p.numel() * p.element_size()
-                if current and (p.dtype != current[0].dtype or size + nbytes > bucket_bytes):
-                    buckets.append(_Bucket(current))
-                    current, size = [], 0
-                current.append(p)
-                size += nbytes
-            if current:
-                buckets.append(_Bucket(current))
+            buckets = [_Bucket(run) for run in _split([p for p in reversed(params) if p.requires_grad], bucket_bytes)]
             self.groups.append(buckets)
             self._next.append(0)
             for k, b in enumerate(buckets):
@@ -187,10 +184,14 @@ class OverlappedGradReducer:
                         wait(b.work, "gradient all-reduce over dp")
                     else:
                         b.work.wait()
-                    counts = b.flat[-len(b.params):].tolist()  # replicas that had each gradient
+                # per parameter, the replicas that had a gradient: one host read for all buckets
+                counts = iter(torch.cat([b.flat[-len(b.params):] for b in self._started]).tolist()
+                              if self._started else [])
+                for b in self._started:
                     b.flat.div_(self.mesh.dp)
                     offset = 0
-                    for p, count in zip(b.params, counts):
+                    for p in b.params:
+                        count = next(counts)
                         avg = b.flat[offset:offset + p.numel()].view_as(p)
                         offset += p.numel()
                         if count == 0:

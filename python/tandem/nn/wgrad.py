@@ -85,10 +85,7 @@ def weight_grad(param: Tensor, compute: Callable[[], Tensor]) -> Optional[Tensor
     """The gradient of ``param`` for a custom Function's backward to return: ``compute()`` now,
     or None while deferring (then ``compute()`` runs at flush and accumulates into
     ``param.grad``). ``param`` must be a leaf (a Parameter)."""
-    if _bucket is None or not param.is_leaf:
-        return compute()
-    _bucket.append(Deferred((param,), lambda: _accumulate(param, compute())))
-    return None
+    return weight_grads((param,), lambda: (compute(),))[0]
 
 
 def weight_grads(params: tuple, compute: Callable[[], tuple]) -> tuple:

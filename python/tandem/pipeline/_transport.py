@@ -27,9 +27,12 @@ class PipelineError(RuntimeError):
 
 class ErrorBoard:
     """One key in the job's torch.distributed store that a failing rank writes and every
-    waiting rank reads. Without a store (a single process) it only checks locally."""
+    waiting rank reads (the C++ ErrorBoard that StageLink's waits read too). Without a store
+    (a single process) it only checks locally."""
 
     def __init__(self, name: str):
+        from tandem import _C
+
         self.key = f"tandem/pipeline/{name}/error"
         self.store = None
         try:
@@ -40,30 +43,20 @@ class ErrorBoard:
                 self.store = c10d._get_default_store()
         except (ImportError, RuntimeError, AttributeError):  # no store: local checks only
             self.store = None
-        self.error: Optional[str] = None
-        self._next_check = 0.0
+        self._impl = _C._ErrorBoard(self.store, self.key)
 
     def post(self, message: str) -> None:
-        """Record the first failure for every rank to see."""
-        if self.error is None:
-            self.error = message
-        if self.store is not None:
-            try:
-                self.store.compare_set(self.key, "", message)
-            except Exception:  # the store is best effort: our own error is raised anyway
-                pass
+        """Record the first failure for every rank to see (the store is best effort)."""
+        self._impl.post(message)
 
     def check(self, *, force: bool = False) -> None:
         """Raise PipelineError when some rank posted a failure (store read at most every 20 ms)."""
-        if self.error is not None:
-            raise PipelineError(self.error)
-        now = time.monotonic()
-        if self.store is None or (not force and now < self._next_check):
-            return
-        self._next_check = now + _CHECK_EVERY_S
-        if self.store.check([self.key]):
-            self.error = self.store.get(self.key).decode()
-            raise PipelineError(self.error)
+        from tandem.comm import CommError
+
+        try:
+            self._impl.check(force)
+        except CommError as e:
+            raise PipelineError(str(e)) from None
 
 
 def wait(work, what: str, board: ErrorBoard, timeout: float, *, host: bool = True) -> None:
@@ -148,6 +141,3 @@ class StageTraffic:
             self.link.wait_sends()
         except RuntimeError as e:
             raise self._failed("waiting for sends", e) from e
-
-    def pending(self) -> list[str]:
-        return [what for _, what in self._posted.values()]

@@ -79,17 +79,16 @@ def _neighbours(layout, rank: int) -> tuple[Optional[int], Optional[int]]:
     return next(iter(prevs), None), next(iter(nexts), None)
 
 
-def _final_gradient_actions(actions) -> tuple[dict, dict, dict]:
-    """For each stage, the index of its last B, of its last W (None without W), and of the
-    later of the two (its gradients are final after it)."""
-    last_b, last_w = {}, {}
+def _final_gradient_actions(actions) -> tuple[dict, dict]:
+    """For each stage, the index of its last B, and of its last B or W (its gradients are
+    final after that one)."""
+    last_b, done = {}, {}
     for i, a in enumerate(actions):
         if a.kind is K.B:
             last_b[a.stage] = i
-        elif a.kind is K.W:
-            last_w[a.stage] = i
-    done = {s: max(i, last_w.get(s, i)) for s, i in last_b.items()}
-    return last_b, last_w, done
+        if a.kind in (K.B, K.W):
+            done[a.stage] = i
+    return last_b, done
 
 
 class PipelineRunner:
@@ -163,7 +162,7 @@ class PipelineRunner:
                 [[p for p in ex.module.parameters() if id(p) not in tied] for ex in self.stages.values()],
                 self.mesh, bucket_bytes=dp_bucket_bytes)
             self._group = {s: i for i, s in enumerate(self.stages)}
-            self._last_b, _, self._done_at = _final_gradient_actions(self.lowered)
+            self._last_b, self._done_at = _final_gradient_actions(self.lowered)
         self.timeline: list[TimelineRecord] = []
         self._events: list = []
 
