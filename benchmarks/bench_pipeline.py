@@ -9,9 +9,13 @@ and number of microbatches m, one row: tandem's step time, the bubble of its mea
 timeline (all ranks), the one-way time of one
 activation message (half the median round trip of a ping-pong between pipeline ranks 0 and
 1 over the runner's own StageLink, measured in the same run), the simulator's makespan and
-bubble for the costs measured in that step (mean F, B, W per stage) with that message
-time, the runtime overhead per action (the step's time minus its simulated makespan, over
-the actions of a rank: what scheduling, posting messages and bookkeeping add), and
+bubble for the costs measured in that step (per stage the mean F, B, W and the mean host
+time of posting a send and a receive) with that message time, the mean host time of
+posting one message (post), the runtime overhead per action (the measured span from the
+first F to the last backward action minus the simulated makespan, over the actions of a
+rank: what the plan does not hold, such as bookkeeping between actions and waits that
+end late), the fixed cost of a step outside that span (fixed: starting, sharing the loss,
+waiting for the last sends, tied and dp gradients), and
 torch.distributed.pipelining's median step time for the matching schedule (ScheduleGPipe,
 Schedule1F1B, ScheduleInterleaved1F1B; none for ZB-H1).
 Runs on CPU with gloo (and on GPUs with NCCL when launched on them). Every rank runs the
@@ -91,20 +95,23 @@ def _message_s(runner, mesh, shape, repeats=30) -> float:
 
 
 def _costs(timeline, split_backward, comm_s=0.0):
-    """Mean measured F, B, W seconds per stage and the message time, as simulator costs."""
+    """Simulator costs from a measured timeline: per stage the mean F, B, W seconds and the
+    mean host time of posting a send and a receive (the SEND / RECV records), with the
+    message time ``comm_s``."""
+    K = ActionKind
     per = {}
     for rec in timeline:
-        if rec.kind.is_compute:
-            per.setdefault((rec.stage, rec.kind), []).append(rec.end_s - rec.start_s)
+        per.setdefault((rec.stage, rec.kind), []).append(rec.end_s - rec.start_s)
+    mean = lambda stage, kinds: statistics.mean(  # noqa: E731
+        [d for k in kinds for d in per.get((stage, k), [])] or [0.0])
     costs = {}
-    for stage in sorted({s for s, _ in per}):
-        f = statistics.mean(per[stage, ActionKind.F])
-        b = statistics.mean(per[stage, ActionKind.B])
-        if split_backward:
-            w = statistics.mean(per[stage, ActionKind.W])
-            costs[stage] = Costs(F=f, B=b, W=w, comm=comm_s)
-        else:
-            costs[stage] = Costs(F=f, B=b / 2, W=b / 2, comm=comm_s)  # a full backward costs B + W
+    for stage in sorted({s for s, k in per if k.is_compute}):
+        f, b = mean(stage, [K.F]), mean(stage, [K.B])
+        w = mean(stage, [K.W]) if split_backward else b / 2
+        if not split_backward:
+            b /= 2  # a full backward costs B + W
+        costs[stage] = Costs(F=f, B=b, W=w, comm=comm_s, post_send=mean(stage, [K.SEND_F, K.SEND_B]),
+                             post_recv=mean(stage, [K.RECV_F, K.RECV_B]))
     return costs
 
 
@@ -177,11 +184,16 @@ def run_pair(args, mesh, name, m, data):
         merged = [rec for tl in timelines for rec in tl]
         sim = simulate(sched, _costs(merged, sched.split_backward, comm_s))
         actions = max(len(tl) for tl in timelines)
+        compute = [rec for rec in merged if rec.kind.is_compute]
+        span = max(rec.end_s for rec in compute) - min(rec.start_s for rec in compute)
+        posts = [rec.end_s - rec.start_s for rec in merged if not rec.kind.is_compute]
         rows.append({"tandem_ms": t * 1e3, "bubble": bubble_fraction(merged, p), "sim_ms": sim.makespan * 1e3,
-                     "sim_bubble": sim.bubble_fraction, "overhead_us": (t - sim.makespan) / actions * 1e6,
+                     "sim_bubble": sim.bubble_fraction, "overhead_us": (span - sim.makespan) / actions * 1e6,
+                     "post_us": statistics.mean(posts) * 1e6 if posts else 0.0, "fixed_ms": (t - span) * 1e3,
                      "torch_ms": _timed(torch_step, mesh.device) * 1e3 if torch_step else None})
     med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
-    out = {k: med(k) for k in ("tandem_ms", "bubble", "sim_ms", "sim_bubble", "overhead_us")}
+    out = {k: med(k) for k in ("tandem_ms", "bubble", "sim_ms", "sim_bubble", "overhead_us", "post_us",
+                               "fixed_ms")}
     out.update(message_us=comm_s * 1e6, torch_ms=med("torch_ms") if torch_step else None)
     return out
 
@@ -214,7 +226,8 @@ def main():
                           common.Column("tandem", "ms", 9, ".2f"), common.Column("bubble", "", 7, ".3f"),
                           common.Column("msg", "us", 6, ".0f"),
                           common.Column("sim", "ms", 9, ".2f"), common.Column("sim_bub", "", 7, ".3f"),
-                          common.Column("ovh/act", "us", 8, ".0f"),
+                          common.Column("post", "us", 5, ".0f"), common.Column("ovh/act", "us", 8, ".0f"),
+                          common.Column("fixed", "ms", 6, ".2f"),
                           common.Column("torch", "ms", 9, ".2f"), common.Column("vs_torch", "x", 8, ".2f")])
     if mesh.rank == 0:
         common.print_header("bench_pipeline: PipelineRunner vs simulator vs torch.distributed.pipelining", env)
@@ -232,7 +245,8 @@ def main():
             results.append(row)
             if mesh.rank == 0:
                 print(table.row([name, m, row["tandem_ms"], row["bubble"], row["message_us"], row["sim_ms"],
-                                 row["sim_bubble"], row["overhead_us"], torch_ms, row["speedup"]]),
+                                 row["sim_bubble"], row["post_us"], row["overhead_us"], row["fixed_ms"],
+                                 torch_ms, row["speedup"]]),
                       flush=True)
     targets = []
     if mesh.pp > 1 and results:

@@ -6,7 +6,9 @@
   with the dp all-reduce of most gradient buckets started during the last backward; dp=4
   with one stage under ZB-H1 (a tied weight written by two deferred pieces per microbatch);
 - pipelined greedy decoding equals GPT.generate token for token (tp=2 x pp=2, two request
-  groups in flight), and sampled decoding equals the one-stage run with the same seed.
+  groups in flight), and sampled decoding equals the one-stage run with the same seed; a
+  rank that refuses its arguments, or prompts that differ between ranks, fail every rank at
+  once, and the next call decodes as before.
 
 One spawned world runs all cases (a 4-rank world costs ~10 s to start here).
 """
@@ -95,6 +97,18 @@ def _check_weights(stages, ref, mesh, what):
             torch.testing.assert_close(full, ref.embed.tok.weight, msg=lambda m: f"{what} {name}: {m}")
 
 
+def _outcome(call):
+    """(exception type name, message, seconds) of a call expected to raise."""
+    import time
+
+    t0 = time.monotonic()
+    try:
+        call()
+    except Exception as e:
+        return type(e).__name__, str(e), time.monotonic() - t0
+    return "no error", "", time.monotonic() - t0
+
+
 def _tied_values(stages):
     return [p.detach().clone() for st in stages for p, _ in st.tied.values()]
 
@@ -135,6 +149,15 @@ def _worker(rank, world):
     assert torch.equal(sampled, alone), "sampled decoding depends on the pipeline"
     assert torch.equal(sampled[:, :5], prompt) and int(sampled.max()) < 64
     out["greedy"] = got.tolist()
+    # one rank refuses its arguments: it raises its ValueError, every other rank its message,
+    # at once; ranks whose prompts differ all refuse; no collective is left half-issued, so
+    # the next call decodes as before
+    bad = mesh.pp_rank == 1 and mesh.tp_rank == 0
+    out["refused"] = _outcome(lambda: generate(stage, prompt, 0 if bad else 6, mesh=mesh, timeout=60))
+    short = prompt[:, :4] if mesh.pp_rank == 1 else prompt
+    out["mismatch"] = _outcome(lambda: generate(stage, short, 6, mesh=mesh, timeout=60))
+    assert torch.equal(generate(stage, prompt, 6, mesh=mesh), want), "decoding after refused calls"
+    out["bad"] = bad
 
     # --- dp=2 x pp=2: interleaved 1F1B with two stages per rank, and ZB-H1 (deferred W) ------
     # small buckets: most start their dp all-reduce during the stage's last backward
@@ -167,3 +190,15 @@ def ref_model_generate(prompt, n):
 def test_gpt_3d_training_and_generation():
     results = run_ranks(4, _worker, timeout=240)
     assert all(r["greedy"] == results[0]["greedy"] for r in results)
+    for rank, r in enumerate(results):
+        kind, message, seconds = r["refused"]
+        assert seconds < 30, (rank, r["refused"])
+        if r["bad"]:
+            assert kind == "ValueError" and "max_new_tokens must be an int >= 1, got 0" in message, (rank, message)
+        else:
+            assert kind == "PipelineError", (rank, r["refused"])
+            assert "pipeline rank 1" in message and "refused generate" in message, (rank, message)
+            assert "max_new_tokens must be an int >= 1, got 0" in message, (rank, message)
+        kind, message, seconds = r["mismatch"]
+        assert kind == "PipelineError" and "different settings" in message and seconds < 30, (rank, message)
+    assert sum(r["bad"] for r in results) == 1

@@ -206,6 +206,27 @@ def test_costs_shape_the_timeline():
     assert result.makespan == 13.0
 
 
+def test_posting_costs_hold_the_rank():
+    # 1F1B, p=2, m=2: rank 1 posts RECV_F0 and RECV_F1 (0.25 each) before 1F0; every send
+    # holds its rank for 0.5 after its F or B (a full backward costs B + W = 2)
+    costs = Costs(F=1.0, B=1.0, W=1.0, comm=0.5, post_send=0.5, post_recv=0.25)
+    result = simulate(OneFOneB(2, 2), costs)
+    times = {str(rec.action): (rec.start_s, rec.end_s) for rec in result.timeline}
+    assert times["1RECV_F0"] == (0.0, 0.25) and times["1RECV_F1"] == (0.25, 0.5)
+    assert times["0SEND_F0"] == (1.0, 1.5)  # the rank is held as long as the transfer
+    assert times["0F1"] == (1.5, 2.5)
+    assert times["1F0"] == (1.5, 2.5)  # 0F0 ends at 1.0, its data lands comm = 0.5 later
+    assert times["1F1"][0] == 5.0  # after 1B0 (2.5 .. 4.5) and its send (0.5)
+    assert times["0B1"][0] == 8.5  # 1B1 ends at 8.0, its data lands 0.5 later
+    free = simulate(OneFOneB(2, 2), Costs(F=1.0, B=1.0, W=1.0, comm=0.5))
+    assert result.makespan > free.makespan
+    assert result.bubble_fraction > free.bubble_fraction  # posting is not compute
+    with pytest.raises(ValueError, match="Costs.post_send must be a finite number >= 0"):
+        Costs(post_send=-1.0)
+    with pytest.raises(ValueError, match="Costs.post_recv must be a finite number >= 0"):
+        Costs(post_recv=float("nan"))
+
+
 def test_bubble_fraction_of_a_measured_timeline():
     result = simulate(OneFOneB(4, 8))
     # the same timeline in seconds, shifted: the bubble is scale and shift free

@@ -103,9 +103,11 @@ def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, me
     from tandem.mesh import Mesh, get_mesh
 
     mesh = mesh if mesh is not None else (get_mesh() or Mesh.single())
+    # one key per call, the same on every rank of this replica (every rank calls generate)
+    check_board = ErrorBoard(f"generate{next(_generation_ids)}/dp{mesh.dp_rank}")
     try:
         return _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature, seed,
-                         timeout, on_token)
+                         timeout, on_token, check_board)
     except BaseException:
         # whatever failed, on whichever rank: the ring's messages may be out of step, and every
         # rank must agree on rebuilding it, so every rank that raises drops it
@@ -113,8 +115,9 @@ def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, me
         raise
 
 
-def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature, seed, timeout,
-              on_token) -> Tensor:
+def _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature):
+    """This rank's checks: -> (request groups' rows, the stage with its caches); raises
+    ValueError / TypeError naming what is wrong."""
     pp, rank = mesh.pp, mesh.pp_rank
     if not isinstance(prompt, Tensor) or prompt.dim() != 2 or prompt.dtype not in (torch.int64, torch.int32):
         raise ValueError("generate: prompt must be int token ids of shape [B, s0]")
@@ -130,15 +133,61 @@ def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temp
     m = num_microbatches or min(pp, batch)
     if not 1 <= m <= batch:
         raise ValueError(f"generate: num_microbatches must be in 1..{batch} (the batch), got {m}")
+    if rank == pp - 1 and temperature > 0:
+        _vocab(stage_module)  # the last stage holds the head
     rows = [r.tolist() for r in torch.arange(batch).tensor_split(m)]
+    return rows, _Stage(stage_module, [len(r) for r in rows], s0 + max_new_tokens)
+
+
+def _agree(mesh, board: ErrorBoard, refusal: Optional[BaseException], settings: list[int], timeout: float,
+           who: str) -> None:
+    """Before anything that waits on a peer: every rank of this replica's tp x pp grid learns
+    whether one of them refused its arguments (its message is on ``board``), or whether they
+    called with different settings (prompt shape, tokens, request groups, sampling). One
+    all-reduce over pp, then one over tp; a refusing rank joins them too, so no collective
+    is left half-issued: the waits here do not stop early on the board."""
+    # [refused, x1, -x1, x2, -x2, ...] maxed: every x agrees iff max(x) == -max(-x)
+    flags = torch.tensor([int(refusal is not None)] + [v for x in settings for v in (x, -x)],
+                         dtype=torch.int64, device=mesh.device)
+    if refusal is not None:
+        board.post(f"{who} refused generate: {refusal}")
+    for name, size in (("pp", mesh.pp), ("tp", mesh.tp)):
+        if size > 1:
+            work = getattr(mesh, f"{name}_comm").all_reduce(flags, op="max")
+            if not work.wait_for(timeout):
+                raise PipelineError(f"{who}: generate's argument check over {name}: no answer within "
+                                    f"{timeout:g} s (does every rank of the pipeline call generate?)")
+            work.wait()
+    if refusal is not None:
+        raise refusal  # this rank's own ValueError / TypeError; its peers raise its message
+    got = flags.tolist()
+    if got[0]:
+        board.check(force=True)  # raises the refusing rank's message
+        raise PipelineError(f"{who}: another rank refused generate's arguments")
+    if any(got[i] != -got[i + 1] for i in range(1, len(got), 2)):
+        raise PipelineError(f"{who}: the ranks of the pipeline called generate with different "
+                            f"settings; this rank: batch, prompt length, max_new_tokens, request "
+                            f"groups, temperature * 1e6 = {settings}")
+
+
+def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature, seed, timeout,
+              on_token, check_board: ErrorBoard) -> Tensor:
+    pp, rank = mesh.pp, mesh.pp_rank
+    who = f"pipeline rank {rank} (global rank {mesh.rank})"
+    refusal, settings = None, [0] * 5
+    try:
+        rows, st = _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature)
+        settings = [prompt.shape[0], prompt.shape[1], max_new_tokens, len(rows), round(temperature * 1e6)]
+    except (ValueError, TypeError) as e:
+        refusal = e
+    _agree(mesh, check_board, refusal, settings, timeout, who)
+    batch, s0 = prompt.shape
     first, last = rank == 0, rank == pp - 1
     device = mesh.device
-    who = f"pipeline rank {rank} (global rank {mesh.rank})"
-    # the ring first: from here on a failure is posted on its board, so every rank stops
-    link, board = _ring(mesh, timeout, who) if pp > 1 else (None, ErrorBoard(f"generate{next(_generation_ids)}"))
+    # then the ring: from here on a failure is posted on its board, so every rank stops
+    link, board = _ring(mesh, timeout, who) if pp > 1 else (None, check_board)
     tokens: dict = {}  # (t, i) -> [b_i] next tokens, when pp == 1
     try:
-        st = _Stage(stage_module, [len(r) for r in rows], s0 + max_new_tokens)
         prompt = prompt.to(device=device, dtype=torch.int64)
         out = torch.zeros(batch, s0 + max_new_tokens, dtype=torch.int64, device=device)
         out[:, :s0] = prompt

@@ -3,10 +3,12 @@
 Semantics modelled (the ones the runtime implements):
 
 - Each rank runs its list in order, one action at a time.
-- ``RECV_x`` posts a receive and returns at once (an irecv); it never blocks.
+- ``RECV_x`` posts a receive (an irecv): it never blocks, and holds its rank for the
+  host time of posting, ``costs.post_recv`` (0 by default).
 - ``SEND_x`` blocks until its producer (F or B on the same rank) has finished and the peer
   has *posted* the matching receive (rendezvous, as a blocking send without buffering);
-  then the transfer runs beside compute and lands ``costs.comm`` later.
+  it holds its rank for ``costs.post_send`` (0 by default), and the transfer runs beside
+  compute and lands ``costs.comm`` after the send started.
 - F, B and W start when the rank is free and their inputs are there: the previous stage's
   output (local, or landed through a posted receive), the stage's own F before its B, the
   next stage's input gradient before B, B before W.
@@ -44,15 +46,20 @@ class Costs:
     """weight gradient"""
     comm: float = 0.0
     """from the start of a send until the data is at the receiver"""
+    post_send: float = 0.0
+    """host time a SEND holds its rank (posting the message; the transfer is ``comm``)"""
+    post_recv: float = 0.0
+    """host time a RECV holds its rank (posting the receive)"""
 
     def __post_init__(self):
         for name in ("F", "B", "W"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"Costs.{name} must be a finite number > 0, got {value!r}")
-        if not (isinstance(self.comm, (int, float)) and math.isfinite(self.comm)
-                and self.comm >= 0):
-            raise ValueError(f"Costs.comm must be a finite number >= 0, got {self.comm!r}")
+        for name in ("comm", "post_send", "post_recv"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"Costs.{name} must be a finite number >= 0, got {value!r}")
 
     def of(self, kind: ActionKind, split: bool) -> float:
         if kind is K.F:
@@ -215,11 +222,11 @@ def _execute(lists: Mapping[int, Sequence[Action]], layout: StageLayout, costs: 
                 if a.kind.is_compute:
                     end = start + c.of(a.kind, split)
                     tables["done"][key] = clock[r] = end
-                elif a.kind in (K.RECV_F, K.RECV_B):
-                    end = tables["posted"][key] = start
-                else:  # a send: the rank is free once the peer has posted its receive
-                    end = start + c.comm
-                    clock[r] = start
+                elif a.kind in (K.RECV_F, K.RECV_B):  # posted once its host work is done
+                    end = tables["posted"][key] = clock[r] = start + c.post_recv
+                else:  # a send: the rank is free once posted, the data lands comm later
+                    end = start + max(c.comm, c.post_send)
+                    clock[r] = start + c.post_send
                     target = ((K.RECV_F, a.stage + 1, a.microbatch) if a.kind is K.SEND_F
                               else (K.RECV_B, a.stage - 1, a.microbatch))
                     tables["landed"][target] = end
