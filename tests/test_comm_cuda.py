@@ -165,6 +165,24 @@ def _two_gpus(rank, n):
             x = link.recv_forward()
             link.send_backward(-x)
     link.wait_sends()
+    # a receive posted behind queued compute lands while that compute still runs (its
+    # buffer comes from the comm stream, so it does not wait for the caller's stream)
+    if rank == 1:
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time on the current stream
+        handle = link.irecv_forward()
+        dist.barrier()  # the sender starts after the receive is posted
+        deadline = time.monotonic() + 30
+        while not handle.is_completed() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        landed_early = handle.is_completed() and not torch.cuda.current_stream().query()
+        x = handle.wait()  # the current stream waits for the receive; x is read on it
+        assert torch.equal(x, torch.full_like(x, 7.0))
+        assert landed_early, "the early receive waited for the compute queued before it"
+    else:
+        dist.barrier()
+        link.send_forward(torch.full((64, 128), 7.0, device="cuda"))
+        link.wait_sends()
+
     def shard(r):  # rank r's x [37, K/tp] and w [32, K/tp]
         gen = torch.Generator(device="cuda").manual_seed(r)
         return torch.randn(37, 64, device="cuda", generator=gen), torch.randn(32, 64, device="cuda", generator=gen)

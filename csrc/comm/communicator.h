@@ -26,6 +26,10 @@ struct P2POp {
   P2PKind kind;
   at::Tensor tensor;
   int peer;  // a rank in the communicator's group
+  // A receive into memory from empty_for_recv() that nothing has used yet: it need not wait
+  // for the work queued on the caller's stream (NCCL), so a receive posted early lands
+  // while that work runs. Only when every op of a batch is fresh.
+  bool fresh = false;
 };
 
 class Communicator : public std::enable_shared_from_this<Communicator> {
@@ -68,6 +72,12 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   virtual void close(std::optional<double> timeout_s) { abort(); }
   // Raises the pending asynchronous error (NCCL watchdog), if any.
   virtual void check() {}
+  // Memory for a receive that may skip waiting for the caller's stream (P2POp::fresh).
+  // NCCL: allocated on the comm stream; whoever reads it on another stream calls
+  // record_stream after waiting for the receive (StageLink does). Others: at::empty.
+  virtual at::Tensor empty_for_recv(at::IntArrayRef shape, at::ScalarType dtype) {
+    return at::empty(shape, at::TensorOptions().dtype(dtype).device(device()));
+  }
 
  protected:
   virtual WorkPtr do_all_reduce(const at::Tensor& t, ReduceOp op, std::string what) = 0;

@@ -134,11 +134,12 @@ CommunicatorPtr NcclCommunicator::fork() {
 
 template <class Body>
 std::shared_ptr<CudaEvent> NcclCommunicator::enqueue(const std::string& what, const std::vector<at::Tensor>& tensors,
-                                                     Body&& body) {
+                                                     Body&& body, bool after_caller) {
   c10::cuda::CUDAGuard guard(device_index_);
   const cudaStream_t current = c10::cuda::getCurrentCUDAStream(device_index_).stream();
   // comm stream waits for the caller's stream: inputs are written, outputs no longer read
-  {
+  // (fresh receives skip it: their memory came from the comm stream and nobody used it)
+  if (after_caller) {
     CudaEvent ready;
     C10_CUDA_CHECK(cudaEventRecord(ready.get(), current));
     C10_CUDA_CHECK(cudaStreamWaitEvent(stream_.stream(), ready.get(), 0));
@@ -203,13 +204,22 @@ WorkPtr NcclCommunicator::do_reduce_scatter(const at::Tensor& out, const at::Ten
   return make_work(std::move(what), std::move(end), {out, in});
 }
 
+at::Tensor NcclCommunicator::empty_for_recv(at::IntArrayRef shape, at::ScalarType dtype) {
+  // the block belongs to the comm stream: a receive on it is ordered after the block's
+  // earlier users without waiting for the caller's stream
+  c10::cuda::CUDAStreamGuard guard(stream_);
+  return at::empty(shape, at::TensorOptions().dtype(dtype).device(at::kCUDA, device_index_));
+}
+
 std::vector<WorkPtr> NcclCommunicator::do_batch_p2p(const std::vector<P2POp>& ops,
                                                     const std::vector<std::string>& whats) {
   std::vector<at::Tensor> tensors;
   std::vector<ncclDataType_t> dtypes;
+  bool fresh = true;
   for (size_t i = 0; i < ops.size(); ++i) {
     tensors.push_back(ops[i].tensor);
     dtypes.push_back(nccl_dtype(ops[i].tensor.scalar_type(), whats[i]));
+    fresh = fresh && ops[i].kind == P2PKind::kRecv && ops[i].fresh;
   }
   // one NCCL group: the sends and recvs progress together, in any order on the peers
   auto end = enqueue(whats.front(), tensors, [&](ncclComm_t comm, cudaStream_t stream) {
@@ -221,7 +231,7 @@ std::vector<WorkPtr> NcclCommunicator::do_batch_p2p(const std::vector<P2POp>& op
         nccl_check(ncclRecv(t.data_ptr(), count(t), dtypes[i], ops[i].peer, comm, stream), whats[i]);
       }
     }
-  });
+  }, /*after_caller=*/!fresh);
   std::vector<WorkPtr> works;
   for (size_t i = 0; i < ops.size(); ++i) works.push_back(make_work(whats[i], end, {ops[i].tensor}));
   return works;

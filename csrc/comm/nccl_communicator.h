@@ -29,6 +29,7 @@ class NcclCommunicator final : public Communicator {
   void close(std::optional<double> timeout_s) override;
   void check() override;
   c10::cuda::CUDAStream stream() const { return stream_; }
+  at::Tensor empty_for_recv(at::IntArrayRef shape, at::ScalarType dtype) override;
 
  protected:
   WorkPtr do_all_reduce(const at::Tensor& t, ReduceOp op, std::string what) override;
@@ -39,10 +40,12 @@ class NcclCommunicator final : public Communicator {
  private:
   NcclCommunicator(std::shared_ptr<NcclState> state, int rank, int size, int device_index, double timeout_s);
 
-  // Runs `body(comm, stream)` (NCCL calls inside one group) on the comm stream after the
-  // caller's current stream; returns the event that marks its end.
+  // Runs `body(comm, stream)` (NCCL calls inside one group) on the comm stream, after the
+  // caller's current stream unless `after_caller` is false (fresh receives only); returns
+  // the event that marks its end.
   template <class Body>
-  std::shared_ptr<CudaEvent> enqueue(const std::string& what, const std::vector<at::Tensor>& tensors, Body&& body);
+  std::shared_ptr<CudaEvent> enqueue(const std::string& what, const std::vector<at::Tensor>& tensors, Body&& body,
+                                     bool after_caller = true);
   WorkPtr make_work(std::string what, std::shared_ptr<CudaEvent> end, std::vector<at::Tensor> tensors);
 
   std::shared_ptr<NcclState> state_;

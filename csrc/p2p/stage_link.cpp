@@ -6,7 +6,9 @@
 #include <map>
 
 #ifdef TANDEM_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "comm/cuda_streams.h"
 #endif
@@ -194,7 +196,7 @@ at::Tensor StageLink::acquire_buffer(Direction& d, const TensorMeta& meta) {
   const auto options = at::TensorOptions().dtype(meta.dtype).device(device_);
   // CUDA: the caching allocator already reuses memory, and knows which streams still use
   // it (a reader of a received tensor on another stream would not be seen by a pool).
-  if (!device_.is_cpu()) return at::empty(meta.shape, options);
+  if (!device_.is_cpu()) return d.comm->empty_for_recv(meta.shape, meta.dtype);
   // The pool keeps storages, not tensors: once the caller dropped every tensor on one
   // (views and autograd's saved tensors included), only the pool holds it and it is reused.
   for (const auto& storage : d.pool) {
@@ -238,20 +240,27 @@ void StageLink::progress(Direction& d) {
     if (!r.meta) {
       if (!r.header_work) {
         // int64 [kHeaderLen] from the peer; the host needs it to size the tensor
-        r.header = at::empty({kHeaderLen}, at::TensorOptions().dtype(at::kLong).device(device_));
-        r.header_work = guarded(r.what, [&] { return d.comm->recv(r.header, *d.peer); });
+        r.header = d.comm->empty_for_recv({kHeaderLen}, at::kLong);
+        r.header_work = fresh_recv(d, r.header, r.what);
       }
       if (!r.header_work->is_completed()) return;
       guarded(r.what, [&] { r.header_work->synchronize(timeout_s_); });  // completed: raises its error
       r.meta = decode_header(header_on_host(r), "tandem.comm.StageLink (" + r.what + ")");
       if (mode_ == ShapeMode::kStatic) d.agreed = r.meta;
     }
-    r.buf = mode_ == ShapeMode::kStatic
-                ? acquire_buffer(d, *r.meta)
-                : at::empty(r.meta->shape, at::TensorOptions().dtype(r.meta->dtype).device(device_));
-    r.work = guarded(r.what, [&] { return d.comm->recv(r.buf, *d.peer); });
+    r.buf = mode_ == ShapeMode::kStatic ? acquire_buffer(d, *r.meta)
+                                        : d.comm->empty_for_recv(r.meta->shape, r.meta->dtype);
+    r.work = fresh_recv(d, r.buf, r.what);
     d.queued.pop_front();
   }
+}
+
+comm::WorkPtr StageLink::fresh_recv(Direction& d, const at::Tensor& buf, const std::string& what) {
+  // buf is new memory (empty_for_recv or a CPU pool storage nobody holds): on CUDA the
+  // receive need not wait for the compute queued on the caller's stream
+  return guarded(what, [&] {
+    return d.comm->batch_p2p({comm::P2POp{comm::P2PKind::kRecv, buf, *d.peer, /*fresh=*/true}}).front();
+  });
 }
 
 void StageLink::progress() {
@@ -346,6 +355,14 @@ at::Tensor StageLink::wait(PostedRecv& r, double timeout_s) {
       progress(d);
     }
     await(*r.work, r.what, timeout_s, deadline, /*host=*/device_.is_cpu());
+#ifdef TANDEM_WITH_CUDA
+    if (device_.is_cuda()) {
+      // the buffer belongs to the comm stream; the caller's stream (now ordered after the
+      // receive) reads it: the allocator must not reuse it before that stream is done
+      c10::cuda::CUDACachingAllocator::recordStream(r.buf.storage().data_ptr(),
+                                                    c10::cuda::getCurrentCUDAStream(device_.index()));
+    }
+#endif
   } catch (const std::exception& e) {
     r.taken = true;
     fail(d, e.what());  // cancels the direction's other receives: their order is lost

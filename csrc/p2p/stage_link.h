@@ -117,6 +117,8 @@ class StageLink : public std::enable_shared_from_this<StageLink> {
   void await(comm::Work& work, const std::string& what, double limit_s,
              std::chrono::steady_clock::time_point deadline, bool host);
   at::Tensor acquire_buffer(Direction& d, const TensorMeta& meta);
+  // A receive into new memory (P2POp::fresh): on CUDA it does not wait for the caller's stream.
+  comm::WorkPtr fresh_recv(Direction& d, const at::Tensor& buf, const std::string& what);
   // Marks d failed (its order is lost): later receives on it raise.
   void fail(Direction& d, const std::string& why);
   // The header of r (landed) on the host, without waiting for the caller's stream.
