@@ -75,6 +75,25 @@ def test_bench_quick_json_plot_and_info(tmp_path):
     assert r.returncode == 0 and "core" in r.stdout and "advice" in r.stdout
 
 
+def test_bench_pipeline_quick(tmp_path):
+    """`tandem bench pipeline --quick` on 2 gloo ranks: every schedule and m has a row with
+    tandem's, the simulator's and torch's figures; the verdicts and the JSON record follow."""
+    r = tandem("bench", "pipeline", "--quick", "--json", str(tmp_path / "json"), "--plot", str(tmp_path / "png"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split() for line in r.stdout.splitlines() if line.strip() and not line.startswith("#")]
+    assert {(row[0], row[1]) for row in rows} == {(name, m) for name in ("gpipe", "1f1b", "interleaved", "zb-h1")
+                                                  for m in ("2", "4")}
+    verdicts = [line for line in r.stdout.splitlines() if line.startswith(("# PASS", "# MISS"))]
+    assert len(verdicts) == 3, r.stdout
+    record = json.load(open(tmp_path / "json" / "pipeline.json"))
+    for row in record["results"]:
+        assert row["tandem_ms"] > 0 and row["sim_ms"] > 0 and 0 < row["bubble"] < 1, row
+        assert row["floor_ms"] <= row["sim_ms"] and row["post_us"] > 0, row
+        assert (row["torch_ms"] is None) == (row["schedule"] == "zb-h1"), row
+    with open(tmp_path / "png" / "pipeline.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
