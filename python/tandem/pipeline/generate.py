@@ -116,8 +116,8 @@ def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, me
 
 
 def _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature):
-    """This rank's checks: -> (request groups' rows, the stage with its caches); raises
-    ValueError / TypeError naming what is wrong."""
+    """This rank's checks and set-up: -> (request groups' rows, the stage with its caches);
+    raises ValueError / TypeError naming what is wrong."""
     pp, rank = mesh.pp, mesh.pp_rank
     if not isinstance(prompt, Tensor) or prompt.dim() != 2 or prompt.dtype not in (torch.int64, torch.int32):
         raise ValueError("generate: prompt must be int token ids of shape [B, s0]")
@@ -159,7 +159,7 @@ def _agree(mesh, board: ErrorBoard, refusal: Optional[BaseException], settings: 
                                     f"{timeout:g} s (does every rank of the pipeline call generate?)")
             work.wait()
     if refusal is not None:
-        raise refusal  # this rank's own ValueError / TypeError; its peers raise its message
+        raise refusal  # this rank's own error (ValueError, TypeError, ...); its peers raise its message
     got = flags.tolist()
     if got[0]:
         board.check(force=True)  # raises the refusing rank's message
@@ -178,7 +178,7 @@ def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temp
     try:
         rows, st = _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature)
         settings = [prompt.shape[0], prompt.shape[1], max_new_tokens, len(rows), round(temperature * 1e6)]
-    except (ValueError, TypeError) as e:
+    except Exception as e:  # bad arguments, or a stage that cannot decode: every rank hears of it
         refusal = e
     _agree(mesh, check_board, refusal, settings, timeout, who)
     batch, s0 = prompt.shape
