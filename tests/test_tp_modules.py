@@ -130,6 +130,33 @@ def _vocab_cases(rank, world_size):
     return True
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cross_entropy_without_tp_equals_the_sharded_formula(dtype):
+    """tp = 1 takes ATen's fused cross entropy; the sharded formula is its reference: loss and
+    gradient, with ignored targets, label smoothing, and every target ignored (loss 0)."""
+    from tandem.mesh import Mesh
+    from tandem.nn import vocab_parallel_cross_entropy
+    from tandem.nn._tp import TPInfo
+    from tandem.nn.embedding import sharded_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    for smoothing in (0.0, 0.1):
+        for ignored in (2, 15):  # some targets ignored, every target ignored
+            logits = (3 * torch.randn(3, 5, 16, generator=g)).to(dtype)
+            target = torch.randint(0, 16, (3, 5), generator=g)
+            target.view(-1)[:ignored] = -100
+            a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+            got = vocab_parallel_cross_entropy(a, target, label_smoothing=smoothing, mesh=Mesh.single())
+            want = sharded_cross_entropy(b, target, TPInfo(Mesh.single()), label_smoothing=smoothing)
+            assert got.dtype == want.dtype == torch.float32
+            torch.testing.assert_close(got, want, msg=lambda m: f"{dtype} smoothing={smoothing}: {m}")
+            got.backward()
+            want.backward()
+            torch.testing.assert_close(a.grad, b.grad, msg=lambda m: f"{dtype} grad smoothing={smoothing}: {m}")
+            if ignored == 15:
+                assert got.item() == 0.0 and not a.grad.any()
+
+
 def _all_cases(rank, world_size):
     """Every module in one spawned world (each spawn costs seconds of imports)."""
     return _linear_cases(rank, world_size), _attention_cases(rank, world_size), _vocab_cases(rank, world_size)
