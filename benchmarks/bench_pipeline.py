@@ -21,8 +21,9 @@ waiting for the last sends, tied and dp gradients), the floor (the simulated mak
 the step's measured compute with free messages: what no runtime can beat with this schedule
 on this machine), and torch.distributed.pipelining's median step time for the matching schedule (ScheduleGPipe,
 Schedule1F1B, ScheduleInterleaved1F1B; none for ZB-H1).
-Runs on CPU with gloo (and on GPUs with NCCL when launched on them). Every rank runs the
-whole table; rank 0 prints it.
+Runs on CPU with gloo (and on GPUs with NCCL when launched on them; post is n/a there).
+Every rank runs the whole table; rank 0 prints it. Run it on one machine: bubble and dlv
+compare the timelines of different ranks, whose clocks only agree within a machine.
 """
 
 import argparse
@@ -225,10 +226,15 @@ def run_pair(args, mesh, name, m, data):
         posts = [rec.end_s - rec.start_s for rec in merged if not rec.kind.is_compute]
         rows.append({"tandem_ms": t * 1e3, "bubble": bubble_fraction(merged, p), "sim_ms": sim.makespan * 1e3,
                      "sim_bubble": sim.bubble_fraction, "overhead_us": (span - sim.makespan) / actions * 1e6,
-                     "post_us": statistics.mean(posts) * 1e6 if posts else 0.0, "fixed_ms": (t - span) * 1e3,
+                     # on GPUs SEND/RECV records are stream times, not the host's posting time
+                     "post_us": statistics.mean(posts) * 1e6 if posts and mesh.device.type == "cpu" else None,
+                     "fixed_ms": (t - span) * 1e3,
                      "floor_ms": floor.makespan * 1e3, "deliver_us": _us(_delivery_s(merged, sched.layout)),
                      "torch_ms": _timed(torch_step, mesh.device) * 1e3 if torch_step else None})
-    med = lambda k: statistics.median([r[k] for r in rows if r[k] is not None] or [float("nan")])  # noqa: E731
+    def med(key):  # None (n/a) when no iteration measured it
+        values = [r[key] for r in rows if r[key] is not None]
+        return statistics.median(values) if values else None
+
     out = {k: med(k) for k in ("tandem_ms", "bubble", "sim_ms", "sim_bubble", "overhead_us", "post_us",
                                "fixed_ms", "floor_ms", "deliver_us")}
     out.update(message_us=comm_s * 1e6, torch_ms=med("torch_ms") if torch_step else None)

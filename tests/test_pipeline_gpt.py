@@ -155,7 +155,12 @@ def _worker(rank, world):
     bad = mesh.pp_rank == 1 and mesh.tp_rank == 0
     out["refused"] = _outcome(lambda: generate(stage, prompt, 0 if bad else 6, mesh=mesh, timeout=60))
     short = prompt[:, :4] if mesh.pp_rank == 1 else prompt
-    out["mismatch"] = _outcome(lambda: generate(stage, short, 6, mesh=mesh, timeout=60))
+    out["mismatch"] = [_outcome(lambda: generate(stage, short, 6, mesh=mesh, timeout=60))]
+    other = prompt.clone()
+    other[1, 2] += mesh.pp_rank  # same shape, one token differs
+    out["mismatch"].append(_outcome(lambda: generate(stage, other, 6, mesh=mesh, timeout=60)))
+    seed = 7 + mesh.tp_rank  # tp ranks of the last stage would sample different tokens
+    out["seed"] = _outcome(lambda: generate(stage, prompt, 6, mesh=mesh, temperature=0.8, seed=seed, timeout=60))
     assert torch.equal(generate(stage, prompt, 6, mesh=mesh), want), "decoding after refused calls"
     out["bad"] = bad
 
@@ -199,6 +204,10 @@ def test_gpt_3d_training_and_generation():
             assert kind == "PipelineError", (rank, r["refused"])
             assert "pipeline rank 1" in message and "refused generate" in message, (rank, message)
             assert "max_new_tokens must be an int >= 1, got 0" in message, (rank, message)
-        kind, message, seconds = r["mismatch"]
-        assert kind == "PipelineError" and "different settings" in message and seconds < 30, (rank, message)
+        for kind, message, seconds in r["mismatch"]:
+            assert kind == "PipelineError" and seconds < 30, (rank, message)
+            assert message.endswith("called generate with different prompt"), (rank, message)
+        kind, message, seconds = r["seed"]
+        assert kind == "PipelineError" and seconds < 30, (rank, message)
+        assert "with different seed (this rank: seed=" in message, (rank, message)
     assert sum(r["bad"] for r in results) == 1

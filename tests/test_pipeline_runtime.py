@@ -209,3 +209,22 @@ def test_layouts_without_one_neighbour_per_side_are_refused():
     assert _neighbours(v_shape, 0) == (1, 1)
     with pytest.raises(ValueError, match=r"pipeline rank 1 exchanges activations with ranks \[0, 2\]"):
         _neighbours(v_shape, 1)
+
+
+def test_board_keys_are_per_mesh_and_call():
+    """Error-board keys: every rank of a mesh derives the same sequence (init_mesh numbers
+    meshes collectively), meshes and dp replicas never share one, a groupless mesh gets
+    keys of its own."""
+    from tandem.mesh import Mesh
+
+    def mesh(serial, rank=0):
+        return Mesh(tp=1, pp=2, dp=2, rank=rank, device=torch.device("cpu"), _serial=serial)
+
+    a, a_peer, b = mesh(3), mesh(3, rank=3), mesh(4)
+    assert [a.board_key("runner") for _ in range(2)] == [a_peer.board_key("runner") for _ in range(2)] \
+        == ["tandem/runner/mesh3/0", "tandem/runner/mesh3/1"]
+    assert b.board_key("runner") == "tandem/runner/mesh4/0"
+    assert a.board_key("generate", per_replica=True) == "tandem/generate/mesh3/dp0/0"
+    assert a_peer.board_key("generate", per_replica=True) == "tandem/generate/mesh3/dp1/0"  # rank 3: dp 1
+    single = Mesh.single()
+    assert single.board_key("runner") != Mesh.single().board_key("runner")

@@ -218,6 +218,9 @@ def test_posting_costs_hold_the_rank():
     assert times["1F0"] == (1.5, 2.5)  # 0F0 ends at 1.0, its data lands comm = 0.5 later
     assert times["1F1"][0] == 5.0  # after 1B0 (2.5 .. 4.5) and its send (0.5)
     assert times["0B1"][0] == 8.5  # 1B1 ends at 8.0, its data lands 0.5 later
+    # data lands max(comm, post_send) after the send started
+    slow_post = simulate(OneFOneB(2, 2), Costs(F=1.0, B=1.0, W=1.0, comm=0.2, post_send=0.5))
+    assert {str(r.action): r.start_s for r in slow_post.timeline}["1F0"] == 1.5
     free = simulate(OneFOneB(2, 2), Costs(F=1.0, B=1.0, W=1.0, comm=0.5))
     assert result.makespan > free.makespan
     assert result.bubble_fraction > free.bubble_fraction  # posting is not compute

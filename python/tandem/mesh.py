@@ -9,7 +9,9 @@ TP group are contiguous and land on one NVLink domain when a node holds >= tp GP
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,6 +21,7 @@ import torch.distributed as dist
 __all__ = ["Mesh", "init_mesh", "get_mesh", "set_mesh"]
 
 _default_mesh: Optional["Mesh"] = None
+_mesh_serials = itertools.count()  # init_mesh is collective: every rank numbers its meshes alike
 
 
 @dataclass(eq=False)
@@ -34,6 +37,8 @@ class Mesh:
     pp_group: Optional[dist.ProcessGroup] = None
     dp_group: Optional[dist.ProcessGroup] = None
     _comms: dict = field(default_factory=dict, repr=False)
+    _serial: Optional[int] = field(default=None, repr=False)  # set by init_mesh
+    _counts: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def single(cls, device="cpu") -> "Mesh":
@@ -59,6 +64,22 @@ class Mesh:
 
     def global_rank(self, *, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
         return tp_rank + self.tp * (dp_rank + self.dp * pp_rank)
+
+    def board_key(self, what: str, *, per_replica: bool = False) -> str:
+        """A key in the job's store for the next ``what`` on this mesh (an error board): the
+        same on every rank of the mesh (of its dp replica with ``per_replica``), as long as
+        they make the same calls on it in one order, and shared with no other mesh, replica
+        or call. A mesh not built by init_mesh gets its pp group's name as scope (the same
+        along its pipeline), or a key of its own when it has no groups."""
+        n = self._counts[what] = self._counts.get(what, -1) + 1
+        if self._serial is not None:
+            scope = f"mesh{self._serial}"
+        elif self.pp_group is not None:
+            scope = f"pp-{self.pp_group.group_name}"
+        else:
+            scope = f"local-{uuid.uuid4().hex}"
+        replica = f"/dp{self.dp_rank}" if per_replica else ""
+        return f"tandem/{what}/{scope}{replica}/{n}"
 
     def _comm(self, name: str):
         if name not in self._comms:
@@ -151,7 +172,7 @@ def init_mesh(tp: int = 1, pp: int = 1, dp: Optional[int] = None, *, backend: Op
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    mesh = Mesh(tp=tp, pp=pp, dp=dp, rank=rank, device=device)
+    mesh = Mesh(tp=tp, pp=pp, dp=dp, rank=rank, device=device, _serial=next(_mesh_serials))
     _new_groups(mesh, backend=None)
     set_mesh(mesh)
     return mesh

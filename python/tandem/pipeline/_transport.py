@@ -30,10 +30,10 @@ class ErrorBoard:
     waiting rank reads (the C++ ErrorBoard that StageLink's waits read too). Without a store
     (a single process) it only checks locally."""
 
-    def __init__(self, name: str):
+    def __init__(self, key: str):
         from tandem import _C
 
-        self.key = f"tandem/pipeline/{name}/error"
+        self.key = key
         self.store = None
         try:
             import torch.distributed as dist

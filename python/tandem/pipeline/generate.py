@@ -18,7 +18,8 @@ or number of groups, and each shard only needs its own columns.
 
 from __future__ import annotations
 
-import itertools
+import hashlib
+import math
 from typing import Callable, Optional
 
 import torch
@@ -27,8 +28,6 @@ from torch import Tensor, nn
 from tandem.pipeline._transport import ErrorBoard, PipelineError, StageTraffic, wait
 
 __all__ = ["generate", "sharded_argmax"]
-
-_generation_ids = itertools.count()
 
 
 def sharded_argmax(scores: Tensor, comm, tp_rank: int) -> Tensor:
@@ -104,7 +103,7 @@ def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, me
 
     mesh = mesh if mesh is not None else (get_mesh() or Mesh.single())
     # one key per call, the same on every rank of this replica (every rank calls generate)
-    check_board = ErrorBoard(f"generate{next(_generation_ids)}/dp{mesh.dp_rank}")
+    check_board = ErrorBoard(mesh.board_key("generate", per_replica=True))
     try:
         return _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature, seed,
                          timeout, on_token, check_board)
@@ -115,7 +114,7 @@ def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, me
         raise
 
 
-def _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature):
+def _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature, timeout):
     """This rank's checks and set-up: -> (request groups' rows, the stage with its caches);
     raises ValueError / TypeError naming what is wrong."""
     pp, rank = mesh.pp, mesh.pp_rank
@@ -123,8 +122,10 @@ def _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatche
         raise ValueError("generate: prompt must be int token ids of shape [B, s0]")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"generate: temperature must be a finite number >= 0, got {temperature!r}")
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"generate: timeout must be a finite number of seconds > 0, got {timeout!r}")
     stage = getattr(stage_module, "stage", rank)
     if stage != rank or getattr(stage_module, "num_stages", pp) != pp:
         raise ValueError(f"generate: pipeline rank {rank} of {pp} needs stage {rank} of {pp}, got stage "
@@ -139,7 +140,20 @@ def _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatche
     return rows, _Stage(stage_module, [len(r) for r in rows], s0 + max_new_tokens)
 
 
-def _agree(mesh, board: ErrorBoard, refusal: Optional[BaseException], settings: list[int], timeout: float,
+def _setting(value) -> int:
+    """An int64 that stands for ``value`` in the agreement (small ints as they are, anything
+    else as a 56-bit digest of its exact text or bytes)."""
+    if isinstance(value, Tensor):
+        data = value.detach().to("cpu", torch.int64).contiguous()
+        raw = repr(tuple(data.shape)).encode() + data.numpy().tobytes()
+    elif isinstance(value, int) and abs(value) < 1 << 62:
+        return value
+    else:
+        raw = repr(value).encode()
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=7).digest(), "little")
+
+
+def _agree(mesh, board: ErrorBoard, refusal: Optional[BaseException], settings: dict, timeout: float,
            who: str) -> None:
     """Before anything that waits on a peer: every rank of this replica's tp x pp grid learns
     whether one of them refused its arguments (its message is on ``board``), or whether they
@@ -147,16 +161,20 @@ def _agree(mesh, board: ErrorBoard, refusal: Optional[BaseException], settings: 
     all-reduce over pp, then one over tp; a refusing rank joins them too, so no collective
     is left half-issued: the waits here do not stop early on the board."""
     # [refused, x1, -x1, x2, -x2, ...] maxed: every x agrees iff max(x) == -max(-x)
-    flags = torch.tensor([int(refusal is not None)] + [v for x in settings for v in (x, -x)],
+    values = [_setting(v) for v in settings.values()]
+    flags = torch.tensor([int(refusal is not None)] + [v for x in values for v in (x, -x)],
                          dtype=torch.int64, device=mesh.device)
     if refusal is not None:
         board.post(f"{who} refused generate: {refusal}")
     for name, size in (("pp", mesh.pp), ("tp", mesh.tp)):
         if size > 1:
-            work = getattr(mesh, f"{name}_comm").all_reduce(flags, op="max")
+            comm = getattr(mesh, f"{name}_comm")
+            work = comm.all_reduce(flags, op="max")
             if not work.wait_for(timeout):
+                comm.abort()  # its collectives are out of step: later calls raise instead of mixing
                 raise PipelineError(f"{who}: generate's argument check over {name}: no answer within "
-                                    f"{timeout:g} s (does every rank of the pipeline call generate?)")
+                                    f"{timeout:g} s (does every rank of the pipeline call generate?); "
+                                    f"the mesh's {name} communicator was aborted")
             work.wait()
     if refusal is not None:
         raise refusal  # this rank's own error (ValueError, TypeError, ...); its peers raise its message
@@ -164,20 +182,26 @@ def _agree(mesh, board: ErrorBoard, refusal: Optional[BaseException], settings: 
     if got[0]:
         board.check(force=True)  # raises the refusing rank's message
         raise PipelineError(f"{who}: another rank refused generate's arguments")
-    if any(got[i] != -got[i + 1] for i in range(1, len(got), 2)):
+    differ = [name for i, name in enumerate(settings) if got[1 + 2 * i] != -got[2 + 2 * i]]
+    if differ:
+        mine = ", ".join(f"{name}={settings[name]!r}" for name in differ if name != "prompt")
         raise PipelineError(f"{who}: the ranks of the pipeline called generate with different "
-                            f"settings; this rank: batch, prompt length, max_new_tokens, request "
-                            f"groups, temperature * 1e6 = {settings}")
+                            f"{', '.join(differ)}" + (f" (this rank: {mine})" if mine else ""))
 
 
 def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature, seed, timeout,
               on_token, check_board: ErrorBoard) -> Tensor:
     pp, rank = mesh.pp, mesh.pp_rank
     who = f"pipeline rank {rank} (global rank {mesh.rank})"
-    refusal, settings = None, [0] * 5
+    refusal = None
+    settings = dict.fromkeys(("prompt", "max_new_tokens", "num_microbatches", "temperature", "seed",
+                              "timeout"), 0)
     try:
-        rows, st = _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature)
-        settings = [prompt.shape[0], prompt.shape[1], max_new_tokens, len(rows), round(temperature * 1e6)]
+        rows, st = _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature,
+                                    timeout)
+        settings = {"prompt": prompt, "max_new_tokens": max_new_tokens, "num_microbatches": len(rows),
+                    "temperature": float(temperature), "seed": seed, "timeout": float(timeout)}
+        [_setting(v) for v in settings.values()]  # a failure here is this rank's refusal too
     except Exception as e:  # bad arguments, or a stage that cannot decode: every rank hears of it
         refusal = e
     _agree(mesh, check_board, refusal, settings, timeout, who)
@@ -252,7 +276,7 @@ def _ring(mesh, timeout: float, who: str):
         return cached[1], cached[2]
     _drop_ring(mesh)
     rank, pp = mesh.pp_rank, mesh.pp
-    board = ErrorBoard(f"generate{next(_generation_ids)}")
+    board = ErrorBoard(mesh.board_key("generate-ring", per_replica=True))
     link = StageTraffic(mesh.pp_comm, (rank - 1) % pp, (rank + 1) % pp, board=board, timeout=timeout,
                         shapes="dynamic", who=who)
     mesh._comms["generate_ring"] = (timeout, link, board)

@@ -4,8 +4,8 @@ Where each message goes (see ``simulate`` for the semantics):
 
 - ``SEND`` right after the action that produced the data (F for SEND_F, B for SEND_B).
 - ``RECV`` posted on the consumer's rank at the last point before the producer *starts*
-  (in a dry run of the compute lists with the given costs), so the receive is waiting
-  before the data exists and the send never blocks under those costs.
+  (in a dry run of the compute lists with the given costs, posting free), so the receive
+  is waiting before the data exists and the send never blocks under those costs.
 
 This gives one global order of all actions (by dry-run time, receives before sends before
 computes) that every rank's list follows and in which each action waits only on earlier

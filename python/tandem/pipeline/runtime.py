@@ -36,7 +36,6 @@ from tandem.pipeline.schedules import Schedule
 __all__ = ["PipelineRunner", "PipelineError", "chrome_trace"]
 
 K = ActionKind
-_runner_ids = itertools.count()
 
 
 def chrome_trace(timeline: Sequence[TimelineRecord]) -> dict:
@@ -143,7 +142,7 @@ class PipelineRunner:
                                  f"{getattr(mod, 'num_stages', '?')}")
         self.rank = rank
         self.lowered = lower(self.schedule)[rank]
-        self.board = ErrorBoard(f"runner{next(_runner_ids)}")
+        self.board = ErrorBoard(self.mesh.board_key("runner"))  # every rank of the mesh reads it
         self.device = self.mesh.device
         self.who = f"pipeline rank {rank} (global rank {self.mesh.rank})"
         self.p2p = None
@@ -165,6 +164,7 @@ class PipelineRunner:
             self._last_b, self._done_at = _final_gradient_actions(self.lowered)
         self.timeline: list[TimelineRecord] = []
         self._events: list = []
+        self._base = None  # (CUDA event, its host time) of the current step
 
     # --- public ---------------------------------------------------------------------------
     @property
@@ -213,6 +213,14 @@ class PipelineRunner:
     def _run(self, inputs, targets, *, train: bool) -> None:
         self.board.check(force=True)
         self.timeline, self._events = [], []
+        if self.device.type == "cuda":
+            # the host time of one event, for turning event times into host times: taken when
+            # the stream has drained (the host waited for the last step's loss anyway), so the
+            # timelines of ranks on one machine line up
+            base = torch.cuda.Event(enable_timing=True)
+            base.record()
+            base.synchronize()
+            self._base = (base, time.perf_counter())
         m = self.num_microbatches
         try:
             chunks_in = self._chunks(inputs, "inputs") if 0 in self.stages else None
@@ -329,11 +337,10 @@ class PipelineRunner:
             self._events.append((a, start, end))
 
     def resolve_timeline(self) -> list[TimelineRecord]:
-        """Turn recorded CUDA events into timeline records (synchronizes them)."""
+        """Turn recorded CUDA events into timeline records (synchronizes them). Times are
+        host perf_counter seconds, comparable between the ranks of one machine."""
         if self._events:
-            base_ev, base_host = self._events[0][1], None
-            base_ev.synchronize()
-            base_host = time.perf_counter()
+            base_ev, base_host = self._base
             for a, s, e in self._events:
                 e.synchronize()
                 t0 = base_host + base_ev.elapsed_time(s) / 1e3
