@@ -103,10 +103,10 @@ def _us(seconds):
     return None if seconds is None else seconds * 1e6
 
 
-def _costs(timeline, split_backward, comm_s=0.0):
-    """Simulator costs from a measured timeline: per stage the mean F, B, W seconds and the
-    mean host time of posting a send and a receive (the SEND / RECV records), with the
-    message time ``comm_s``."""
+def _costs(timeline, split_backward, comm_s=0.0, posting=True):
+    """Simulator costs from a measured timeline: per stage the mean F, B, W seconds and (with
+    ``posting``: host timelines) the mean host time of posting a send and a receive (the
+    SEND / RECV records), with the message time ``comm_s``."""
     K = ActionKind
     per = {}
     for rec in timeline:
@@ -119,8 +119,9 @@ def _costs(timeline, split_backward, comm_s=0.0):
         w = mean(stage, [K.W]) if split_backward else b / 2
         if not split_backward:
             b /= 2  # a full backward costs B + W
-        costs[stage] = Costs(F=f, B=b, W=w, comm=comm_s, post_send=mean(stage, [K.SEND_F, K.SEND_B]),
-                             post_recv=mean(stage, [K.RECV_F, K.RECV_B]))
+        costs[stage] = Costs(F=f, B=b, W=w, comm=comm_s,
+                             post_send=mean(stage, [K.SEND_F, K.SEND_B]) if posting else 0.0,
+                             post_recv=mean(stage, [K.RECV_F, K.RECV_B]) if posting else 0.0)
     return costs
 
 
@@ -215,7 +216,8 @@ def run_pair(args, mesh, name, m, data):
         timelines = [None] * p
         dist.all_gather_object(timelines, runner.resolve_timeline(), group=mesh.pp_group)
         merged = [rec for tl in timelines for rec in tl]
-        costs = _costs(merged, sched.split_backward, comm_s)
+        host = mesh.device.type == "cpu"  # GPU timelines hold stream times: posting is not on them
+        costs = _costs(merged, sched.split_backward, comm_s, posting=host)
         sim = simulate(sched, costs)
         # the floor: this step's compute with free messages, what no runtime can beat
         floor = simulate(sched, {s: replace(c, comm=0.0, post_send=0.0, post_recv=0.0)
@@ -227,7 +229,7 @@ def run_pair(args, mesh, name, m, data):
         rows.append({"tandem_ms": t * 1e3, "bubble": bubble_fraction(merged, p), "sim_ms": sim.makespan * 1e3,
                      "sim_bubble": sim.bubble_fraction, "overhead_us": (span - sim.makespan) / actions * 1e6,
                      # on GPUs SEND/RECV records are stream times, not the host's posting time
-                     "post_us": statistics.mean(posts) * 1e6 if posts and mesh.device.type == "cpu" else None,
+                     "post_us": statistics.mean(posts) * 1e6 if posts and host else None,
                      "fixed_ms": (t - span) * 1e3,
                      "floor_ms": floor.makespan * 1e3, "deliver_us": _us(_delivery_s(merged, sched.layout)),
                      "torch_ms": _timed(torch_step, mesh.device) * 1e3 if torch_step else None})

@@ -161,6 +161,8 @@ def _worker(rank, world):
     out["mismatch"].append(_outcome(lambda: generate(stage, other, 6, mesh=mesh, timeout=60)))
     seed = 7 + mesh.tp_rank  # tp ranks of the last stage would sample different tokens
     out["seed"] = _outcome(lambda: generate(stage, prompt, 6, mesh=mesh, temperature=0.8, seed=seed, timeout=60))
+    # a refused timeout: the agreement waits with a default instead, nothing is aborted
+    out["timeout"] = _outcome(lambda: generate(stage, prompt, 6, mesh=mesh, timeout=-1.0 if bad else 60))
     assert torch.equal(generate(stage, prompt, 6, mesh=mesh), want), "decoding after refused calls"
     out["bad"] = bad
 
@@ -207,6 +209,9 @@ def test_gpt_3d_training_and_generation():
         for kind, message, seconds in r["mismatch"]:
             assert kind == "PipelineError" and seconds < 30, (rank, message)
             assert message.endswith("called generate with different prompt"), (rank, message)
+        kind, message, seconds = r["timeout"]
+        assert seconds < 30 and "timeout must be a finite number of seconds > 0, got -1.0" in message, (rank, message)
+        assert kind == ("ValueError" if r["bad"] else "PipelineError"), (rank, kind)
         kind, message, seconds = r["seed"]
         assert kind == "PipelineError" and seconds < 30, (rank, message)
         assert "with different seed (this rank: seed=" in message, (rank, message)

@@ -213,8 +213,9 @@ def test_layouts_without_one_neighbour_per_side_are_refused():
 
 def test_board_keys_are_per_mesh_and_call():
     """Error-board keys: every rank of a mesh derives the same sequence (init_mesh numbers
-    meshes collectively), meshes and dp replicas never share one, a groupless mesh gets
-    keys of its own."""
+    meshes collectively; that ranks agree is what the multi-rank failure tests rely on),
+    meshes never share one, per-replica keys differ between dp replicas, a groupless mesh
+    gets keys of its own."""
     from tandem.mesh import Mesh
 
     def mesh(serial, rank=0):

@@ -69,8 +69,8 @@ class Mesh:
         """A key in the job's store for the next ``what`` on this mesh (an error board): the
         same on every rank of the mesh (of its dp replica with ``per_replica``), as long as
         they make the same calls on it in one order, and shared with no other mesh, replica
-        or call. A mesh not built by init_mesh gets its pp group's name as scope (the same
-        along its pipeline), or a key of its own when it has no groups."""
+        or call. A mesh not built by init_mesh gets its pp group's name as scope (shared only
+        by the ranks of that one pipeline), or a key of its own when it has no groups."""
         n = self._counts[what] = self._counts.get(what, -1) + 1
         if self._serial is not None:
             scope = f"mesh{self._serial}"

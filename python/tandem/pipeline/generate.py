@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 from typing import Callable, Optional
 
 import torch
@@ -114,7 +115,7 @@ def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, me
         raise
 
 
-def _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature, timeout):
+def _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature, seed, timeout):
     """This rank's checks and set-up: -> (request groups' rows, the stage with its caches);
     raises ValueError / TypeError naming what is wrong."""
     pp, rank = mesh.pp, mesh.pp_rank
@@ -126,6 +127,12 @@ def _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatche
         raise ValueError(f"generate: temperature must be a finite number >= 0, got {temperature!r}")
     if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"generate: timeout must be a finite number of seconds > 0, got {timeout!r}")
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise ValueError(f"generate: seed must be an int, got {seed!r}") from None
+    if not 0 <= seed < 1 << 40:
+        raise ValueError(f"generate: seed must be in 0 .. 2**40 - 1, got {seed}")
     stage = getattr(stage_module, "stage", rank)
     if stage != rank or getattr(stage_module, "num_stages", pp) != pp:
         raise ValueError(f"generate: pipeline rank {rank} of {pp} needs stage {rank} of {pp}, got stage "
@@ -153,16 +160,18 @@ def _setting(value) -> int:
     return int.from_bytes(hashlib.blake2b(raw, digest_size=7).digest(), "little")
 
 
-def _agree(mesh, board: ErrorBoard, refusal: Optional[BaseException], settings: dict, timeout: float,
-           who: str) -> None:
+_AGREE_TIMEOUT_S = 300.0  # for the agreement when the caller's timeout is itself refused
+
+
+def _agree(mesh, board: ErrorBoard, refusal: Optional[BaseException], settings: dict[str, tuple[int, str]],
+           timeout: float, who: str) -> None:
     """Before anything that waits on a peer: every rank of this replica's tp x pp grid learns
     whether one of them refused its arguments (its message is on ``board``), or whether they
-    called with different settings (prompt shape, tokens, request groups, sampling). One
+    called with different settings (``{name: (int64 stand-in, shown value)}``). One
     all-reduce over pp, then one over tp; a refusing rank joins them too, so no collective
     is left half-issued: the waits here do not stop early on the board."""
     # [refused, x1, -x1, x2, -x2, ...] maxed: every x agrees iff max(x) == -max(-x)
-    values = [_setting(v) for v in settings.values()]
-    flags = torch.tensor([int(refusal is not None)] + [v for x in values for v in (x, -x)],
+    flags = torch.tensor([int(refusal is not None)] + [v for x, _ in settings.values() for v in (x, -x)],
                          dtype=torch.int64, device=mesh.device)
     if refusal is not None:
         board.post(f"{who} refused generate: {refusal}")
@@ -184,7 +193,7 @@ def _agree(mesh, board: ErrorBoard, refusal: Optional[BaseException], settings: 
         raise PipelineError(f"{who}: another rank refused generate's arguments")
     differ = [name for i, name in enumerate(settings) if got[1 + 2 * i] != -got[2 + 2 * i]]
     if differ:
-        mine = ", ".join(f"{name}={settings[name]!r}" for name in differ if name != "prompt")
+        mine = ", ".join(f"{name}={settings[name][1]}" for name in differ if name != "prompt")
         raise PipelineError(f"{who}: the ranks of the pipeline called generate with different "
                             f"{', '.join(differ)}" + (f" (this rank: {mine})" if mine else ""))
 
@@ -193,18 +202,18 @@ def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temp
               on_token, check_board: ErrorBoard) -> Tensor:
     pp, rank = mesh.pp, mesh.pp_rank
     who = f"pipeline rank {rank} (global rank {mesh.rank})"
-    refusal = None
-    settings = dict.fromkeys(("prompt", "max_new_tokens", "num_microbatches", "temperature", "seed",
-                              "timeout"), 0)
+    names = ("prompt", "max_new_tokens", "num_microbatches", "temperature", "seed", "timeout")
+    refusal, settings, agree_timeout = None, {name: (0, "") for name in names}, _AGREE_TIMEOUT_S
     try:
         rows, st = _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature,
-                                    timeout)
-        settings = {"prompt": prompt, "max_new_tokens": max_new_tokens, "num_microbatches": len(rows),
-                    "temperature": float(temperature), "seed": seed, "timeout": float(timeout)}
-        [_setting(v) for v in settings.values()]  # a failure here is this rank's refusal too
+                                    seed, timeout)
+        given = (prompt, max_new_tokens, len(rows), float(temperature), operator.index(seed), float(timeout))
+        settings = {name: (_setting(v), "" if name == "prompt" else repr(v)) for name, v in zip(names, given)}
+        agree_timeout = timeout
     except Exception as e:  # bad arguments, or a stage that cannot decode: every rank hears of it
         refusal = e
-    _agree(mesh, check_board, refusal, settings, timeout, who)
+    _agree(mesh, check_board, refusal, settings, agree_timeout, who)
+    seed = operator.index(seed)
     batch, s0 = prompt.shape
     first, last = rank == 0, rank == pp - 1
     device = mesh.device

@@ -114,6 +114,8 @@ class PipelineRunner:
         from tandem.mesh import Mesh, get_mesh
 
         self.mesh = mesh if mesh is not None else (get_mesh() or Mesh.single())
+        # first, before checks that may fail on one rank only: every rank takes one key per runner
+        self.board = ErrorBoard(self.mesh.board_key("runner"))  # every rank of the mesh reads it
         pp, rank = self.mesh.pp, self.mesh.pp_rank
         if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) \
                 or num_microbatches < 1:
@@ -142,7 +144,6 @@ class PipelineRunner:
                                  f"{getattr(mod, 'num_stages', '?')}")
         self.rank = rank
         self.lowered = lower(self.schedule)[rank]
-        self.board = ErrorBoard(self.mesh.board_key("runner"))  # every rank of the mesh reads it
         self.device = self.mesh.device
         self.who = f"pipeline rank {rank} (global rank {self.mesh.rank})"
         self.p2p = None
@@ -164,7 +165,6 @@ class PipelineRunner:
             self._last_b, self._done_at = _final_gradient_actions(self.lowered)
         self.timeline: list[TimelineRecord] = []
         self._events: list = []
-        self._base = None  # (CUDA event, its host time) of the current step
 
     # --- public ---------------------------------------------------------------------------
     @property
@@ -213,14 +213,6 @@ class PipelineRunner:
     def _run(self, inputs, targets, *, train: bool) -> None:
         self.board.check(force=True)
         self.timeline, self._events = [], []
-        if self.device.type == "cuda":
-            # the host time of one event, for turning event times into host times: taken when
-            # the stream has drained (the host waited for the last step's loss anyway), so the
-            # timelines of ranks on one machine line up
-            base = torch.cuda.Event(enable_timing=True)
-            base.record()
-            base.synchronize()
-            self._base = (base, time.perf_counter())
         m = self.num_microbatches
         try:
             chunks_in = self._chunks(inputs, "inputs") if 0 in self.stages else None
@@ -340,11 +332,15 @@ class PipelineRunner:
         """Turn recorded CUDA events into timeline records (synchronizes them). Times are
         host perf_counter seconds, comparable between the ranks of one machine."""
         if self._events:
-            base_ev, base_host = self._base
+            # an anchor: an event recorded now, and the host time at which the GPU passed it
+            # (synchronize returns then), so that the ranks of one machine line up
+            anchor = torch.cuda.Event(enable_timing=True)
+            anchor.record()
+            anchor.synchronize()
+            host = time.perf_counter()
             for a, s, e in self._events:
-                e.synchronize()
-                t0 = base_host + base_ev.elapsed_time(s) / 1e3
-                t1 = base_host + base_ev.elapsed_time(e) / 1e3
+                t0 = host - s.elapsed_time(anchor) / 1e3
+                t1 = host - e.elapsed_time(anchor) / 1e3
                 self.timeline.append(TimelineRecord(self.rank, a.stage, a.kind, a.microbatch, t0, t1))
             self._events = []
         return self.timeline
