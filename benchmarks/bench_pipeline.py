@@ -19,8 +19,8 @@ rank: what the plan does not hold, such as bookkeeping between actions and waits
 end late), the fixed cost of a step outside that span (fixed: starting, sharing the loss,
 waiting for the last sends, tied and dp gradients), the floor (the simulated makespan of
 the step's measured compute with free messages: what no runtime can beat with this schedule
-on this machine), and torch.distributed.pipelining's median step time for the matching schedule (ScheduleGPipe,
-Schedule1F1B, ScheduleInterleaved1F1B; none for ZB-H1).
+on this machine), and torch.distributed.pipelining's median step time for the matching
+schedule (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B; none for ZB-H1).
 Runs on CPU with gloo (and on GPUs with NCCL when launched on them; post is n/a there).
 Every rank runs the whole table; rank 0 prints it. Run it on one machine: bubble and dlv
 compare the timelines of different ranks, whose clocks only agree within a machine.
@@ -210,13 +210,13 @@ def run_pair(args, mesh, name, m, data):
             torch_step()
     b, s = data[0].shape
     comm_s = _message_s(runner, mesh, (b // m, s, args.hidden)) if p > 1 else 0.0
+    host = mesh.device.type == "cpu"  # GPU timelines hold stream times: posting is not on them
     rows = []
     for _ in range(args.iters):
         t = _timed(step, mesh.device)
         timelines = [None] * p
         dist.all_gather_object(timelines, runner.resolve_timeline(), group=mesh.pp_group)
         merged = [rec for tl in timelines for rec in tl]
-        host = mesh.device.type == "cpu"  # GPU timelines hold stream times: posting is not on them
         costs = _costs(merged, sched.split_backward, comm_s, posting=host)
         sim = simulate(sched, costs)
         # the floor: this step's compute with free messages, what no runtime can beat
@@ -233,6 +233,7 @@ def run_pair(args, mesh, name, m, data):
                      "fixed_ms": (t - span) * 1e3,
                      "floor_ms": floor.makespan * 1e3, "deliver_us": _us(_delivery_s(merged, sched.layout)),
                      "torch_ms": _timed(torch_step, mesh.device) * 1e3 if torch_step else None})
+
     def med(key):  # None (n/a) when no iteration measured it
         values = [r[key] for r in rows if r[key] is not None]
         return statistics.median(values) if values else None

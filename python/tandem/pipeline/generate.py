@@ -207,13 +207,13 @@ def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temp
     try:
         rows, st = _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature,
                                     seed, timeout)
-        given = (prompt, max_new_tokens, len(rows), float(temperature), operator.index(seed), float(timeout))
+        seed = operator.index(seed)  # checked: an int-like
+        given = (prompt, max_new_tokens, len(rows), float(temperature), seed, float(timeout))
         settings = {name: (_setting(v), "" if name == "prompt" else repr(v)) for name, v in zip(names, given)}
         agree_timeout = timeout
     except Exception as e:  # bad arguments, or a stage that cannot decode: every rank hears of it
         refusal = e
-    _agree(mesh, check_board, refusal, settings, agree_timeout, who)
-    seed = operator.index(seed)
+    _agree(mesh, check_board, refusal, settings, agree_timeout, who)  # raises on any refusal
     batch, s0 = prompt.shape
     first, last = rank == 0, rank == pp - 1
     device = mesh.device
@@ -267,9 +267,9 @@ def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temp
             if not last:
                 out.zero_()
             wait(mesh.pp_comm.all_reduce(out), f"{who}: output all-reduce", board, timeout)
+    except PipelineError:
+        raise
     except Exception as e:
-        if isinstance(e, PipelineError):
-            raise
         message = f"stage {rank} ({who}) failed in generate: {type(e).__name__}: {e}"
         board.post(message)
         raise PipelineError(message) from e

@@ -10,8 +10,8 @@ Gradients accumulate in ``param.grad`` over the microbatches (each microbatch lo
 scaled by 1/m, so they sum to the gradient of the mean loss). After the last action:
 tied weights (a tied embedding's copy on the last stage) exchange and sum their gradients,
 DP replicas average theirs (every other gradient's dp all-reduce started during the stage's
-last backward, bucket by bucket, as soon as autograd finished the bucket), and the mean loss is all-reduced so that every rank of the
-pipeline returns it. Every wait is bounded by ``timeout``; a stage that raises posts its
+last backward, bucket by bucket, as soon as autograd finished the bucket), and the mean
+loss is all-reduced so that every rank of the pipeline returns it. Every wait is bounded by ``timeout``; a stage that raises posts its
 error on the job's store and every other rank stops with that error (PipelineError naming
 the stage, its rank and the action). A runner that failed refuses further calls with the
 same error: its peers have stopped too.
