@@ -229,3 +229,52 @@ def test_board_keys_are_per_mesh_and_call():
     assert a_peer.board_key("generate", per_replica=True) == "tandem/generate/mesh3/dp1/0"  # rank 3: dp 1
     single = Mesh.single()
     assert single.board_key("runner") != Mesh.single().board_key("runner")
+
+
+def test_generate_refuses_bad_arguments_in_one_process():
+    """generate's own checks, each naming the argument (one process: no agreement needed)."""
+    from tandem.mesh import Mesh
+    from tandem.models import GPT, GPTConfig
+    from tandem.pipeline import generate, split
+
+    mesh = Mesh.single()
+    model = GPT(GPTConfig(vocab_size=32, max_seq_len=16, num_layers=1, hidden_size=16, num_heads=2), mesh=mesh)
+    stage, prompt = split(model.layers(), 1, stage=0), torch.zeros(2, 3, dtype=torch.long)
+    cases = [({"temperature": float("nan")}, "temperature must be a finite number >= 0, got nan"),
+             ({"timeout": 0}, "timeout must be a finite number of seconds > 0, got 0"),
+             ({"seed": "x"}, "seed must be an int, got 'x'"),
+             ({"seed": 1 << 41}, "seed must be in 0 .. 2\\*\\*40 - 1, got 2199023255552")]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            generate(stage, prompt, 2, mesh=mesh, **kwargs)
+    assert generate(stage, prompt, 2, mesh=mesh, seed=5, temperature=0.5).shape == (2, 5)
+
+
+def test_generate_agreement_that_times_out_aborts_the_communicator():
+    """A peer that never joins the agreement: PipelineError naming the wait, and the
+    communicator whose collectives are now out of step is aborted."""
+    from tandem.mesh import Mesh
+    from tandem.pipeline import PipelineError
+    from tandem.pipeline._transport import ErrorBoard
+    from tandem.pipeline.generate import _agree
+
+    class Work:
+        def wait_for(self, seconds):
+            return False
+
+    class Comm:
+        aborted = False
+
+        def all_reduce(self, t, op):
+            return Work()
+
+        def abort(self):
+            self.aborted = True
+
+    comm = Comm()
+    mesh = Mesh(tp=1, pp=2, dp=1, rank=0, device=torch.device("cpu"))
+    mesh._comms["pp"] = comm
+    with pytest.raises(PipelineError, match="argument check over pp: no answer within 0.5 s .*"
+                                            "the mesh's pp communicator was aborted"):
+        _agree(mesh, ErrorBoard("tandem/test/agree"), None, {"seed": (1, "1")}, 0.5, "pipeline rank 0")
+    assert comm.aborted
