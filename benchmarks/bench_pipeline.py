@@ -4,26 +4,36 @@ prediction and torch.distributed.pipelining, on the same GPT split, in the same 
     torchrun --standalone --nproc-per-node 2 benchmarks/bench_pipeline.py [--microbatches 2 4 8] [--json out.json]
 
 tandem's and torch's steps alternate (one each per iteration) so that drift of the
-machine hits both alike; every figure is a median over the iterations. For each schedule
-and number of microbatches m, one row: tandem's step time, the bubble of its measured
-timeline (all ranks), the one-way time of one
-activation message (msg: half the median round trip of a ping-pong between pipeline ranks 0
-and 1 over the runner's own StageLink, measured in the same run), the time a message took
-inside the step (dlv: from a send's start to the start of the F or B that was waiting for
-it, median; a diagnostic, not given to the simulator), the simulator's makespan and
-bubble for the costs measured in that step (per stage the mean F, B, W and the mean host
-time of posting a send and a receive) with that message time, the mean host time of
-posting one message (post), the runtime overhead per action (the measured span from the
-first F to the last backward action minus the simulated makespan, over the actions of a
-rank: what the plan does not hold, such as bookkeeping between actions and waits that
-end late), the fixed cost of a step outside that span (fixed: starting, sharing the loss,
-waiting for the last sends, tied and dp gradients), the floor (the simulated makespan of
-the step's measured compute with free messages: what no runtime can beat with this schedule
-on this machine), and torch.distributed.pipelining's median step time for the matching
-schedule (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B; none for ZB-H1).
-Runs on CPU with gloo (and on GPUs with NCCL when launched on them; post is n/a there).
-Every rank runs the whole table; rank 0 prints it. Run it on one machine: bubble and dlv
-compare the timelines of different ranks, whose clocks only agree within a machine.
+machine hits both alike; every figure is a median over the iterations. One row per
+schedule and number of microbatches m:
+
+    tandem    tandem's step time (slowest rank)
+    bubble    idle share of its measured timeline (all ranks, first F to last backward)
+    msg       one-way time of one activation message: half the median round trip of a
+              ping-pong between pipeline ranks 0 and 1 over the runner's own StageLink
+    lat       a message inside the step: from a send's start to the start of the F or B
+              that consumed it, where the consumer's rank was idle when the send started
+    sim       the simulator's plan of the runner's own action lists, for the costs measured
+    sim_bub   in that step (per stage the mean F, B, W and the mean host time of posting a
+              send and a receive) with message time msg: its makespan and bubble
+    rpl_bub   the bubble of the replay: the same lists with every action at its own
+              measured time and messages at lat (the plan's gap to the measurement, less
+              what per-action variation and in-step message time explain)
+    post      mean host time of posting one message (n/a on GPUs)
+    ovh/act   runtime overhead per action: the measured span (first F to last backward)
+              minus the plan's makespan, over the actions of a rank
+    fixed     the step's cost outside that span: starting, sharing the loss, waiting for
+              the last sends, tied and dp gradients
+    floor     the plan of the step's measured compute with free messages: what no runtime
+              can beat with this schedule on this machine
+    torch     torch.distributed.pipelining's step time for the matching schedule
+              (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B; none for ZB-H1)
+    vs_torch  torch / tandem
+
+Runs on CPU with gloo (and on GPUs with NCCL when launched on them; there the timeline
+holds stream times, so the replay takes measured times of F, B and W only). Every rank
+runs the whole table; rank 0 prints it. Run it on one machine: bubble and lat compare the
+timelines of different ranks, whose clocks only agree within a machine.
 """
 
 import argparse
@@ -42,7 +52,7 @@ import common  # noqa: E402
 from tandem.models import GPT, GPTConfig  # noqa: E402
 from tandem.nn import vocab_parallel_cross_entropy  # noqa: E402
 from tandem.pipeline import (Costs, GPipe, Interleaved1F1B, OneFOneB, PipelineRunner,  # noqa: E402
-                             ZeroBubbleH1, bubble_fraction, simulate, split)
+                             ZeroBubbleH1, bubble_fraction, lower, simulate, split)
 from tandem.pipeline.ir import ActionKind  # noqa: E402
 
 SCHEDULES = {"gpipe": (GPipe, 1), "1f1b": (OneFOneB, 1), "interleaved": (Interleaved1F1B, 2),
@@ -125,11 +135,11 @@ def _costs(timeline, split_backward, comm_s=0.0, posting=True):
     return costs
 
 
-def _delivery_s(timeline, layout, waited_s=20e-6):
+def _latency_s(timeline, layout):
     """Median time from a send's start to the start of the F or B that consumed its data,
-    over the consumers that were waiting for it (they started > ``waited_s`` after the
-    rank's previous action): what a message takes inside a step, where the ranks compute
-    while it travels (a diagnostic: the simulator is given the idle ping-pong figure)."""
+    over the consumers whose rank had nothing left to do when the send started (its previous
+    action had ended): what a message takes inside a step, where the ranks compute while it
+    travels, from posting on one rank to computing on the other."""
     K = ActionKind
     sends = {(rec.kind, rec.stage, rec.microbatch): rec.start_s for rec in timeline
              if rec.kind in (K.SEND_F, K.SEND_B)}
@@ -143,8 +153,7 @@ def _delivery_s(timeline, layout, waited_s=20e-6):
                 src = (K.SEND_B, rec.stage + 1, rec.microbatch)
             else:
                 continue
-            if src in sends and rec.start_s - before.end_s > waited_s \
-                    and layout.rank_of(src[1]) != rank:
+            if src in sends and layout.rank_of(src[1]) != rank and before.end_s <= sends[src]:
                 samples.append(rec.start_s - sends[src])
     return statistics.median(samples) if samples else None
 
@@ -211,6 +220,7 @@ def run_pair(args, mesh, name, m, data):
     b, s = data[0].shape
     comm_s = _message_s(runner, mesh, (b // m, s, args.hidden)) if p > 1 else 0.0
     host = mesh.device.type == "cpu"  # GPU timelines hold stream times: posting is not on them
+    lowered = lower(sched)  # the lists every runner executes
     rows = []
     for _ in range(args.iters):
         t = _timed(step, mesh.device)
@@ -218,10 +228,16 @@ def run_pair(args, mesh, name, m, data):
         dist.all_gather_object(timelines, runner.resolve_timeline(), group=mesh.pp_group)
         merged = [rec for tl in timelines for rec in tl]
         costs = _costs(merged, sched.split_backward, comm_s, posting=host)
-        sim = simulate(sched, costs)
+        sim = simulate(lowered, costs)  # the plan: the runner's own lists, per-stage costs
         # the floor: this step's compute with free messages, what no runtime can beat
-        floor = simulate(sched, {s: replace(c, comm=0.0, post_send=0.0, post_recv=0.0)
-                                 for s, c in costs.items()})
+        floor = simulate(lowered, {s: replace(c, comm=0.0, post_send=0.0, post_recv=0.0)
+                                   for s, c in costs.items()})
+        # the replay: every action with its own measured time, messages with their in-step time
+        latency = _latency_s(merged, sched.layout)
+        own = {rec.action: rec.end_s - rec.start_s for rec in merged  # GPUs: compute only
+               if host or rec.kind.is_compute}
+        replay = simulate(lowered, {s: replace(c, comm=latency if latency is not None else comm_s)
+                                    for s, c in costs.items()}, durations=own)
         actions = max(len(tl) for tl in timelines)
         compute = [rec for rec in merged if rec.kind.is_compute]
         span = max(rec.end_s for rec in compute) - min(rec.start_s for rec in compute)
@@ -230,8 +246,8 @@ def run_pair(args, mesh, name, m, data):
                      "sim_bubble": sim.bubble_fraction, "overhead_us": (span - sim.makespan) / actions * 1e6,
                      # on GPUs SEND/RECV records are stream times, not the host's posting time
                      "post_us": statistics.mean(posts) * 1e6 if posts and host else None,
-                     "fixed_ms": (t - span) * 1e3,
-                     "floor_ms": floor.makespan * 1e3, "deliver_us": _us(_delivery_s(merged, sched.layout)),
+                     "fixed_ms": (t - span) * 1e3, "replay_bubble": replay.bubble_fraction,
+                     "floor_ms": floor.makespan * 1e3, "latency_us": _us(latency),
                      "torch_ms": _timed(torch_step, mesh.device) * 1e3 if torch_step else None})
 
     def med(key):  # None (n/a) when no iteration measured it
@@ -239,7 +255,7 @@ def run_pair(args, mesh, name, m, data):
         return statistics.median(values) if values else None
 
     out = {k: med(k) for k in ("tandem_ms", "bubble", "sim_ms", "sim_bubble", "overhead_us", "post_us",
-                               "fixed_ms", "floor_ms", "deliver_us")}
+                               "fixed_ms", "floor_ms", "latency_us", "replay_bubble")}
     out.update(message_us=comm_s * 1e6, torch_ms=med("torch_ms") if torch_step else None)
     return out
 
@@ -270,8 +286,9 @@ def main():
                              batch=f"{args.batch}x{args.seq}")
     table = common.Table([common.Column("schedule", width=12), common.Column("m", width=3),
                           common.Column("tandem", "ms", 9, ".2f"), common.Column("bubble", "", 7, ".3f"),
-                          common.Column("msg", "us", 6, ".0f"), common.Column("dlv", "us", 6, ".0f"),
+                          common.Column("msg", "us", 6, ".0f"), common.Column("lat", "us", 6, ".0f"),
                           common.Column("sim", "ms", 9, ".2f"), common.Column("sim_bub", "", 7, ".3f"),
+                          common.Column("rpl_bub", "", 7, ".3f"),
                           common.Column("post", "us", 5, ".0f"), common.Column("ovh/act", "us", 8, ".0f"),
                           common.Column("fixed", "ms", 6, ".2f"),
                           common.Column("floor", "ms", 7, ".2f"),
@@ -292,11 +309,11 @@ def main():
             results.append(row)
             if mesh.rank == 0:
                 print(table.row([name, m, row["tandem_ms"], row["bubble"], row["message_us"],
-                                 row["deliver_us"], row["sim_ms"],
-                                 row["sim_bubble"], row["post_us"], row["overhead_us"], row["fixed_ms"],
+                                 row["latency_us"], row["sim_ms"],
+                                 row["sim_bubble"], row["replay_bubble"], row["post_us"], row["overhead_us"], row["fixed_ms"],
                                  row["floor_ms"], torch_ms, row["speedup"]]),
                       flush=True)
-    targets = []
+    targets, notes = [], []
     if mesh.pp > 1 and results:
         vs = [r["speedup"] for r in results if r["speedup"]]
         # step time <= 0.9 x torch's  <=>  torch / tandem >= 1 / 0.9
@@ -312,7 +329,11 @@ def main():
             f"bubble within 10% of the simulator's: 0.10 / worst relative gap "
             f"({'n/a' if worst_gap is None else f'{worst_gap:.2f}'})",
             (0.10 / worst_gap if worst_gap else float("inf")) if worst_gap is not None else None, 1.0))
-    notes = []
+        replayed = [abs(r["bubble"] - r["replay_bubble"]) / r["replay_bubble"] for r in results
+                    if r["replay_bubble"] > 0]
+        if replayed:  # what the plan's gap is made of: per-action variation and message time
+            notes.append(f"# note  bubble vs the replay (each action's measured time, messages at "
+                         f"their in-step time): worst relative gap {max(replayed):.2f}")
     out_of_reach = [f"{r['schedule']} m={r['m']}" for r in results
                     if r["torch_ms"] and r["floor_ms"] > 0.9 * r["torch_ms"]]
     if out_of_reach:  # the compute alone, with free messages, is slower than the step target

@@ -156,7 +156,7 @@ def test_quick_json_is_well_formed(quick_run):
 
 
 # ---------------------------------------------------------------------------------------
-# bench_pipeline.py: the costs it gives the simulator and the in-step delivery time
+# bench_pipeline.py: the costs it gives the simulator and the in-step message time
 
 
 def _timeline(rows):
@@ -166,7 +166,7 @@ def _timeline(rows):
             for rank, stage, kind, mb, start, end in rows]
 
 
-def test_pipeline_costs_and_delivery_from_a_timeline():
+def test_pipeline_costs_and_latency_from_a_timeline():
     import bench_pipeline
 
     from tandem.pipeline import OneFOneB
@@ -176,15 +176,18 @@ def test_pipeline_costs_and_delivery_from_a_timeline():
         (0, 0, "F", 0, 0.0, 1.0), (0, 0, "SEND_F", 0, 1.0, 1.1), (0, 0, "F", 1, 1.1, 2.1),
         (0, 0, "SEND_F", 1, 2.1, 2.3), (0, 0, "RECV_B", 0, 2.3, 2.4), (0, 0, "B", 0, 4.0, 6.0),
         (1, 1, "RECV_F", 0, 0.0, 0.05), (1, 1, "RECV_F", 1, 0.05, 0.15),
-        (1, 1, "F", 0, 1.5, 2.5),   # waited: 0.5 after 0SEND_F0 started
+        (1, 1, "F", 0, 1.5, 2.5),   # idle since before 0SEND_F0 started: 0.5 after it
         (1, 1, "B", 0, 2.5, 3.5), (1, 1, "SEND_B", 0, 3.5, 3.6),
-        (1, 1, "F", 1, 3.6, 4.6),   # did not wait (the rank was busy until 3.6)
+        (1, 1, "F", 1, 3.9, 4.9),   # started late, but its rank was busy when 0SEND_F1 started
     ])
     costs = bench_pipeline._costs(tl, split_backward=False, comm_s=0.25)
     assert costs[0].F == pytest.approx(1.0) and costs[0].B == costs[0].W == pytest.approx(1.0)
     assert costs[0].post_send == pytest.approx(0.15) and costs[0].post_recv == pytest.approx(0.1)
     assert costs[1].post_send == pytest.approx(0.1) and costs[1].post_recv == pytest.approx(0.075)
     assert costs[1].comm == 0.25
-    # 1F0 waited 0.5 s, 0B0 waited 0.5 s (1SEND_B0 at 3.5, 0B0 at 4.0); 1F1 did not wait
-    assert bench_pipeline._delivery_s(tl, layout) == pytest.approx(0.5)
-    assert bench_pipeline._delivery_s(tl[:4], layout) is None
+    # 1F0 0.5 s after its send, 0B0 too (1SEND_B0 at 3.5, 0B0 at 4.0); 1F1 is no sample:
+    # rank 1 was busy until 3.6, after 0SEND_F1 started (2.1), so 1.8 s is not a latency
+    assert bench_pipeline._latency_s(tl, layout) == pytest.approx(0.5)
+    assert bench_pipeline._latency_s(tl[:4], layout) is None
+    assert bench_pipeline._latency_s([rec for rec in tl if rec.action.kind.value != "B"], layout) \
+        == pytest.approx(0.5)  # 1F0 alone: 1F1 is still no sample

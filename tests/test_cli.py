@@ -85,10 +85,12 @@ def test_bench_pipeline_quick(tmp_path):
                                                   for m in ("2", "4")}
     verdicts = [line for line in r.stdout.splitlines() if line.startswith(("# PASS", "# MISS"))]
     assert len(verdicts) == 3, r.stdout
+    assert any(line.startswith("# note  bubble vs the replay") for line in r.stdout.splitlines()), r.stdout
     record = json.load(open(tmp_path / "json" / "pipeline.json"))
     for row in record["results"]:
         assert row["tandem_ms"] > 0 and row["sim_ms"] > 0 and 0 < row["bubble"] < 1, row
         assert row["floor_ms"] <= row["sim_ms"] and row["post_us"] > 0, row
+        assert 0 < row["replay_bubble"] < 1 and row["latency_us"] > 0, row
         assert (row["torch_ms"] is None) == (row["schedule"] == "zb-h1"), row
     with open(tmp_path / "png" / "pipeline.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

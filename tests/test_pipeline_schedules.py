@@ -230,6 +230,29 @@ def test_posting_costs_hold_the_rank():
         Costs(post_recv=float("nan"))
 
 
+def test_durations_replay_single_actions():
+    # one slow action: 0F1 takes 3.0 instead of 1.0, and everything that waits on it moves
+    costs = Costs(F=1.0, B=2.0, W=1.0, comm=0.5)
+    slow = simulate(GPipe(2, 2), costs, durations={Action(0, ActionKind.F, 1): 3.0})
+    times = {str(rec.action): (rec.start_s, rec.end_s) for rec in slow.timeline}
+    assert times["0F1"] == (1.0, 4.0) and times["1F0"] == (1.5, 2.5)
+    assert times["1F1"] == (4.5, 5.5)  # 0F1's data lands comm = 0.5 after it ends
+    assert slow.makespan == simulate(GPipe(2, 2), costs).makespan + 2.0
+    # a timeline replayed with its own durations, under other stage costs, is itself
+    lowered = lower(OneFOneB(2, 4))
+    planned = simulate(lowered, Costs(F=1.0, B=1.5, W=0.5, comm=0.3, post_send=0.2, post_recv=0.1))
+    own = {rec.action: rec.end_s - rec.start_s for rec in planned.timeline}
+    # a simulated SEND record spans the transfer; its duration here is its posting time
+    own.update({a: 0.2 for a in own if a.kind in (ActionKind.SEND_F, ActionKind.SEND_B)})
+    replay = simulate(lowered, Costs(F=9.0, B=9.0, W=9.0, comm=0.3), durations=own)
+    assert [(r.action, r.start_s) for r in replay.timeline] == \
+        [(r.action, r.start_s) for r in planned.timeline]
+    with pytest.raises(ValueError, match=r"durations\[0F1\] must be a finite number >= 0"):
+        simulate(GPipe(2, 2), durations={Action(0, ActionKind.F, 1): -1.0})
+    with pytest.raises(TypeError, match="durations: keys must be Actions"):
+        simulate(GPipe(2, 2), durations={"0F1": 1.0})
+
+
 def test_bubble_fraction_of_a_measured_timeline():
     result = simulate(OneFOneB(4, 8))
     # the same timeline in seconds, shifted: the bubble is scale and shift free

@@ -101,26 +101,44 @@ class SimulationResult:
     num_ranks: int
 
 
-def simulate(schedule, costs: CostsLike = None) -> SimulationResult:
+def simulate(schedule, costs: CostsLike = None, *,
+             durations: Mapping[Action, float] | None = None) -> SimulationResult:
     """Dry-run ``schedule`` and return its timeline, bubble and peak in-flight counts.
 
     ``schedule``: lowered action lists ``{rank: [Action]}`` (with sends and receives), or a
     ``Schedule`` / compute-only lists, which are lowered first with the same costs.
     ``costs``: one ``Costs`` for every stage, a ``{stage: Costs}`` mapping, or None for unit
-    costs (F = B = W = 1, so a full backward costs 2). Raises ``DeadlockError`` naming the
-    blocked step of each rank, or ``ScheduleError`` for malformed lists.
+    costs (F = B = W = 1, so a full backward costs 2). ``durations``: the time of single
+    actions, in place of their stage's costs (an F/B/W's compute, a SEND's or RECV's
+    posting), e.g. each action's measured time, to replay a measured step (host timelines:
+    a SEND record spans its posting; ``comm`` still comes from ``costs``). Raises ``DeadlockError`` naming the blocked step of each rank, or
+    ``ScheduleError`` for malformed lists.
     """
     from tandem.pipeline.lower import lower, validate_lowered
 
+    durations = _check_durations(durations)
     lowered = lower(schedule, costs)
     layout, _, split = validate_lowered(lowered)
-    records = _execute(lowered, layout, costs, split, explicit_comm=True)
+    records = _execute(lowered, layout, costs, split, explicit_comm=True, durations=durations)
     compute = [rec for rec in records if rec.kind.is_compute]
     makespan = max(rec.end_s for rec in compute) - min(rec.start_s for rec in compute)
     return SimulationResult(timeline=tuple(records), makespan=makespan,
                             bubble_fraction=bubble_fraction(records, layout.num_ranks),
                             peak_in_flight=_peak_in_flight(lowered, split),
                             num_ranks=layout.num_ranks)
+
+
+def _check_durations(durations) -> dict:
+    if durations is None:
+        return {}
+    if not isinstance(durations, Mapping):
+        raise TypeError(f"durations must map Action -> seconds, got {type(durations).__name__}")
+    for a, d in durations.items():
+        if not isinstance(a, Action):
+            raise TypeError(f"durations: keys must be Actions, got {a!r}")
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
+            raise ValueError(f"durations[{a}] must be a finite number >= 0, got {d!r}")
+    return dict(durations)
 
 
 def bubble_fraction(timeline: Sequence[TimelineRecord], num_ranks: int | None = None) -> float:
@@ -200,9 +218,12 @@ def _describe(table: str, key: tuple, where: dict) -> str:
 
 
 def _execute(lists: Mapping[int, Sequence[Action]], layout: StageLayout, costs: CostsLike,
-             split: bool, *, explicit_comm: bool) -> list[TimelineRecord]:
+             split: bool, *, explicit_comm: bool,
+             durations: Mapping[Action, float] | None = None) -> list[TimelineRecord]:
     """Run the lists as a dataflow; compute-only lists when ``explicit_comm`` is False
-    (remote data lands ``comm`` after its producer ends), lowered lists otherwise."""
+    (remote data lands ``comm`` after its producer ends), lowered lists otherwise.
+    ``durations`` overrides the costs of single actions."""
+    durations = durations or {}
     tables: dict[str, dict[tuple, float]] = {"done": {}, "posted": {}, "landed": {}}
     ranks = sorted(lists)
     pc = {r: 0 for r in ranks}
@@ -221,14 +242,17 @@ def _execute(lists: Mapping[int, Sequence[Action]], layout: StageLayout, costs: 
                     break
                 start = max([clock[r]] + [tables[t][k] + d for t, k, d in deps])
                 key = (a.kind, a.stage, a.microbatch)
+                own = durations.get(a)
                 if a.kind.is_compute:
-                    end = start + c.of(a.kind, split)
+                    end = start + (c.of(a.kind, split) if own is None else own)
                     tables["done"][key] = clock[r] = end
                 elif a.kind in (K.RECV_F, K.RECV_B):  # posted once its host work is done
-                    end = tables["posted"][key] = clock[r] = start + c.post_recv
+                    post = c.post_recv if own is None else own
+                    end = tables["posted"][key] = clock[r] = start + post
                 else:  # a send: the rank is free once posted, the data lands after comm
-                    end = start + max(c.comm, c.post_send)
-                    clock[r] = start + c.post_send
+                    post = c.post_send if own is None else own
+                    end = start + max(c.comm, post)
+                    clock[r] = start + post
                     target = ((K.RECV_F, a.stage + 1, a.microbatch) if a.kind is K.SEND_F
                               else (K.RECV_B, a.stage - 1, a.microbatch))
                     tables["landed"][target] = end
