@@ -98,6 +98,9 @@ def test_csv_form_round_trips():
     text = format_csv(lowered)
     assert len({line.count(",") for line in text.splitlines()}) == 1  # padded rows
     assert parse_csv(text) == lowered
+    assert parse_csv(text + "\n\n,,\n") == lowered  # blank rows at the end, as editors leave them
+    with pytest.raises(ScheduleError, match="no rank to write"):
+        format_csv({})
 
 
 def test_text_form_accepts_comments_commas_and_bare_rank_numbers():

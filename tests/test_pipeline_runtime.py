@@ -17,9 +17,84 @@ from distributed import run_ranks
 H = 8
 
 
+class _WLinear(nn.Linear):
+    """nn.Linear whose parameter gradients a split backward defers to W (tandem.nn.wgrad),
+    so that ZB-H1's W does real work here."""
+
+    def forward(self, x):
+        from tandem.nn import wgrad
+
+        return wgrad.linear(x, self.weight, self.bias)
+
+
 def _layers(n):
     torch.manual_seed(0)
-    return [nn.Sequential(nn.Linear(H, H), nn.Tanh()) for _ in range(n)]
+    return [nn.Sequential(_WLinear(H, H), nn.Tanh()) for _ in range(n)]
+
+
+class _CutInput(nn.Module):
+    """A layer that detaches its input: the stage's input gets no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(H, H)
+
+    def forward(self, x):
+        return self.inner(x.detach())
+
+
+def _outcome(call):
+    """(exception type name, message, seconds) of a call expected to raise."""
+    import time
+
+    t0 = time.monotonic()
+    try:
+        call()
+    except Exception as e:
+        return type(e).__name__, str(e), time.monotonic() - t0
+    return "no error", "", time.monotonic() - t0
+
+
+def _refusals(mesh, world):
+    """A rank that refuses to build its runner (it was given the wrong stage), then a stage
+    whose input gets no gradient: every rank fails with that rank's message, at once."""
+    from tandem.pipeline import OneFOneB, PipelineRunner, split
+
+    bad = world - 1
+    stage = split(_layers(world), world, balance="uniform", stage=0 if mesh.pp_rank == bad else None)
+    kw = dict(mesh=mesh, schedule=OneFOneB(world, world), loss_fn=nn.functional.mse_loss,
+              num_microbatches=world, timeout=60)
+    refused = _outcome(lambda: PipelineRunner(stage, **kw))
+    layers = _layers(world)
+    layers[1] = _CutInput()
+    runner = PipelineRunner(split(layers, world, balance="uniform"), **kw)
+    x, y = _batch(2 * world)
+    cut = _outcome(lambda: runner.step(x if mesh.pp_rank == 0 else None, y if mesh.pp_rank == bad else None))
+    again = _outcome(lambda: runner.step(x if mesh.pp_rank == 0 else None, y if mesh.pp_rank == bad else None))
+    return refused, cut, again
+
+
+def _tied_accumulation(mesh, world):
+    """A GPT with tied embeddings, two steps without zeroing: this rank's tied gradients
+    after each step."""
+    from tandem.models import GPT, GPTConfig
+    from tandem.nn import vocab_parallel_cross_entropy
+    from tandem.pipeline import OneFOneB, PipelineRunner, split
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, max_seq_len=8, num_layers=max(1, world - 2), hidden_size=16,
+                          num_heads=2, tie_embeddings=True), mesh=mesh)
+    stage = split(model.layers(), world, balance="uniform")
+    runner = PipelineRunner(stage, mesh=mesh, schedule=OneFOneB(world, world), num_microbatches=world,
+                            loss_fn=lambda y, t: vocab_parallel_cross_entropy(y, t, mesh=mesh), timeout=60)
+    g = torch.Generator().manual_seed(5)
+    ids, targets = torch.randint(0, 32, (2 * world, 8), generator=g), torch.randint(0, 32, (2 * world, 8), generator=g)
+    grads = []
+    for _ in range(2):
+        runner.step(ids if mesh.pp_rank == 0 else None, targets if mesh.pp_rank == world - 1 else None)
+        grads.append([p.grad.tolist() for p, _ in stage.tied.values()])  # exact: float32 -> float
+    runner.close()
+    return grads
 
 
 def _batch(b):
@@ -129,7 +204,8 @@ def _check_schedules(rank, world, tmp):
     else:
         assert out is None
     _dynamic_shapes(mesh, world)
-    return report, _failing_stage(mesh, world), _shape_change(mesh, world)
+    return (report, _failing_stage(mesh, world), _shape_change(mesh, world), _refusals(mesh, world),
+            _tied_accumulation(mesh, world))
 
 
 def _dynamic_shapes(mesh, world):
@@ -187,12 +263,28 @@ def test_every_schedule_matches_single_process(world, tmp_path):
     for kinds in (k for _, k in reports[0]):
         assert {"F", "B"} <= set(kinds)
     assert any("W" in k for _, k in reports[0])  # ZB-H1 ran split backwards
-    for rank, (_, (message, seconds), _) in enumerate(results):
+    for rank, (_, (message, seconds), *_) in enumerate(results):
         assert f"stage {world - 2} " in message and "boom in a layer" in message, (rank, message)
         assert f"in {world - 2}F1" in message and seconds < 30, (rank, message, seconds)
-    for rank, (_, _, (message, seconds)) in enumerate(results):
+    for rank, (_, _, (message, seconds), *_) in enumerate(results):
         assert "does not match the static shape agreed on first use, float32[2, 8]" in message, (rank, message)
         assert "float32[4, 8]" in message and seconds < 30, (rank, message, seconds)
+    bad = world - 1
+    for rank, (refused, cut, again) in enumerate(r[3] for r in results):
+        kind, message, seconds = refused
+        assert kind == ("ValueError" if rank == bad else "PipelineError"), (rank, refused)
+        assert f"pipeline rank {bad} runs stage {bad} of {world}, but was given stage 0" in message, (rank, refused)
+        assert seconds < 30, (rank, refused)
+        kind, message, seconds = cut
+        assert kind == "PipelineError" and seconds < 30, (rank, cut)
+        assert "stage 1 (pipeline rank 1 (global rank 1)): microbatch 0 produced no gradient" in message, (rank, cut)
+        assert again[0] == "PipelineError" and "produced no gradient" in again[1], (rank, again)  # stays failed
+    ends = [[[torch.tensor(g) for g in step] for step in r[4]] for r in results]
+    (first1,), (first2,) = ends[0]
+    (last1,), (last2,) = ends[-1]
+    assert all(tied == [[], []] for tied in ends[1:-1])
+    assert torch.equal(first1, last1) and torch.equal(first2, last2)  # both ends: the same bits
+    torch.testing.assert_close(first2, 2 * first1)  # accumulated, not summed twice
     trace = json.load(open(tmp_path / "trace0.json"))
     names = {e["name"] for e in trace["traceEvents"]}
     assert "0F0" in names and all(e["ph"] == "X" and e["dur"] >= 0 for e in trace["traceEvents"])
@@ -256,7 +348,7 @@ def test_generate_agreement_that_times_out_aborts_the_communicator():
     from tandem.mesh import Mesh
     from tandem.pipeline import PipelineError
     from tandem.pipeline._transport import ErrorBoard
-    from tandem.pipeline.generate import _agree
+    from tandem.pipeline._agree import agree
 
     class Work:
         def wait_for(self, seconds):
@@ -274,7 +366,50 @@ def test_generate_agreement_that_times_out_aborts_the_communicator():
     comm = Comm()
     mesh = Mesh(tp=1, pp=2, dp=1, rank=0, device=torch.device("cpu"))
     mesh._comms["pp"] = comm
-    with pytest.raises(PipelineError, match="argument check over pp: no answer within 0.5 s .*"
+    with pytest.raises(PipelineError, match="generate's argument check over pp: no answer within 0.5 s .*"
                                             "the mesh's pp communicator was aborted"):
-        _agree(mesh, ErrorBoard("tandem/test/agree"), None, {"seed": (1, "1")}, 0.5, "pipeline rank 0")
+        agree(mesh, ("pp", "tp"), ErrorBoard("tandem/test/agree"), None, {"seed": (1, "1")}, 0.5,
+              "pipeline rank 0", "generate")
     assert comm.aborted
+
+
+def test_tied_gradients_accumulate_with_both_ends_on_one_rank():
+    """Interleaved on one rank: the embedding (stage 0) and its tied copy (stage 1) both hold
+    the model's gradient after one step, twice it after two (no double counting)."""
+    from tandem.mesh import Mesh
+    from tandem.models import GPT, GPTConfig
+    from tandem.nn import vocab_parallel_cross_entropy
+    from tandem.pipeline import Interleaved1F1B, PipelineRunner, split
+
+    cfg = GPTConfig(vocab_size=32, max_seq_len=8, num_layers=2, hidden_size=16, num_heads=2, tie_embeddings=True)
+    mesh = Mesh.single()
+    g = torch.Generator().manual_seed(5)
+    ids, targets = torch.randint(0, 32, (4, 8), generator=g), torch.randint(0, 32, (4, 8), generator=g)
+    torch.manual_seed(0)
+    ref = GPT(cfg, mesh=mesh)
+    ref(ids, targets).backward()
+    torch.manual_seed(0)
+    model = GPT(cfg, mesh=mesh)
+    stages = [split(model.layers(), 2, balance="uniform", stage=s) for s in (0, 1)]
+    runner = PipelineRunner(stages, mesh=mesh, schedule=Interleaved1F1B(1, 2, virtual_stages=2),
+                            num_microbatches=2, loss_fn=lambda y, t: vocab_parallel_cross_entropy(y, t, mesh=mesh))
+    (emb, _), = stages[0].tied.values()
+    (copy, _), = stages[1].tied.values()
+    for k in (1, 2):
+        runner.step(ids, targets)
+        torch.testing.assert_close(emb.grad, k * ref.embed.tok.weight.grad, msg=f"after {k} steps")
+        assert torch.equal(emb.grad, copy.grad)
+
+
+def test_a_closed_runner_refuses_calls():
+    from tandem.mesh import Mesh
+    from tandem.pipeline import GPipe, PipelineError, PipelineRunner, split
+
+    runner = PipelineRunner(split(_layers(2), 1, stage=0), mesh=Mesh.single(), schedule=GPipe(1, 2),
+                            loss_fn=nn.functional.mse_loss, num_microbatches=2)
+    x, y = _batch(4)
+    runner.step(x, y)
+    runner.close()
+    for call in (lambda: runner.step(x, y), lambda: runner.forward(x)):
+        with pytest.raises(PipelineError, match=r"pipeline rank 0 \(global rank 0\): the runner was closed"):
+            call()

@@ -65,6 +65,8 @@ def test_time_balance_isolates_the_slow_layer():
     assert part.layers_per_stage == (3, 1), str(part)
     with pytest.raises(ValueError, match="sample_input"):
         partition(layers, 2, balance="time")
+    with pytest.raises(ValueError, match="repeats must be an int >= 1, got 0"):
+        partition(layers, 2, balance="time", sample_input=torch.randn(2, 4), repeats=0)
 
 
 def test_split_errors():
@@ -125,9 +127,25 @@ def test_one_rank_matches_the_model(schedule):
             torch.testing.assert_close(p.grad, q.grad)
 
 
-def test_runner_argument_errors_come_before_any_communication():
-    # a pp=2 mesh without process groups: any communication would fail differently
+class _SoloComm:
+    """A pp communicator of which this rank is the only member that answers: the runner's
+    agreement (one MAX all-reduce) completes at once; anything else would fail."""
+
+    class _Done:
+        def wait_for(self, seconds):
+            return True
+
+        def wait(self, timeout=None):
+            return None
+
+    def all_reduce(self, t, op="sum"):
+        return self._Done()
+
+
+def test_runner_argument_errors_come_before_any_message():
+    # a pp=2 mesh whose pp group only holds the agreement: a message or link would fail differently
     mesh = Mesh(tp=1, pp=2, dp=1, rank=0, device=torch.device("cpu"))
+    mesh._comms["pp"] = _SoloComm()
     stage = split([nn.Linear(2, 2), nn.Linear(2, 2)], 2, stage=0)
     kw = dict(mesh=mesh, loss_fn=nn.functional.mse_loss)
     with pytest.raises(ValueError, match=r"num_microbatches \(1\) < num_ranks \(2\)"):
@@ -145,6 +163,15 @@ def test_runner_argument_errors_come_before_any_communication():
         PipelineRunner(split([nn.Linear(2, 2)] * 2, 2, stage=1), schedule=GPipe, num_microbatches=2, **kw)
     with pytest.raises(ValueError, match="num_microbatches must be an int"):
         PipelineRunner(stage, schedule=GPipe, num_microbatches=0, **kw)
+    for timeout in (float("nan"), "5", 0, True):
+        with pytest.raises(ValueError, match="timeout must be a finite number of seconds > 0"):
+            PipelineRunner(stage, schedule=GPipe, num_microbatches=2, timeout=timeout, **kw)
+    with pytest.raises(ValueError, match="dp_bucket_bytes must be an int >= 1, got -1"):
+        PipelineRunner(stage, schedule=GPipe, num_microbatches=2, dp_bucket_bytes=-1, **kw)
+    with pytest.raises(TypeError, match=r"schedule\(2, 2\) returned 'gpipe', not a Schedule"):
+        PipelineRunner(stage, schedule=lambda p, m: "gpipe", num_microbatches=2, **kw)
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        PipelineRunner(stage, schedule=GPipe, num_microbatches=2, mesh=mesh, loss_fn="mse")
 
 
 def test_bad_batch_is_a_clear_error():

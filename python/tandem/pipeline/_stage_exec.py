@@ -66,8 +66,8 @@ class StageExec:
         if self.stage == 0:
             return self.chunks_in[mb]
         prev = self._neighbour(self.stage - 1)
-        if prev is not None:
-            return prev.outputs[mb].detach()
+        if prev is not None:  # inference: handed over, no longer kept
+            return (prev.outputs[mb] if self.train else prev.outputs.pop(mb)).detach()
         return self.runner.p2p.take((K.RECV_F, self.stage, mb))
 
     def _output_grad(self, mb: int):
@@ -142,14 +142,17 @@ class StageExec:
         if self.stage == 0:
             return
         if gx is None:
-            raise PipelineError(f"stage {self.stage}: microbatch {mb} produced no gradient for "
-                                "the stage input (is the input used by the stage?)")
+            raise PipelineError(f"stage {self.stage} ({self.runner.who}): microbatch {mb} produced no "
+                                "gradient for the stage input (is the input used by the stage?)")
         self.grad_in[mb] = gx
 
     # --- data out ---------------------------------------------------------------------------
     def send(self, a: Action) -> None:
         forward = a.kind is K.SEND_F
-        t = self.outputs[a.microbatch] if forward else self.grad_in.pop(a.microbatch)
+        if not forward:
+            t = self.grad_in.pop(a.microbatch)
+        else:  # training keeps the output for B; inference is done with it once sent
+            t = self.outputs[a.microbatch] if self.train else self.outputs.pop(a.microbatch)
         self.runner.p2p.send(t, forward=forward, what=str(a))
 
     # --- results ------------------------------------------------------------------------------

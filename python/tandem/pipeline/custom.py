@@ -65,9 +65,13 @@ def format_schedule(actions: Mapping[int, Sequence[Action]]) -> str:
 
 
 def parse_csv(text: str) -> dict[int, list[Action]]:
-    """Parse the CSV form: row r is rank r, one action per cell, empty cells skipped."""
+    """Parse the CSV form: row r is rank r, one action per cell, empty cells (and blank
+    rows at the end) skipped."""
+    rows = list(csv.reader(io.StringIO(text)))
+    while rows and not any(cell.strip() for cell in rows[-1]):
+        rows.pop()
     out = {}
-    for r, row in enumerate(csv.reader(io.StringIO(text))):
+    for r, row in enumerate(rows):
         out[r] = [_parse_cell(cell, f"row {r + 1} (rank {r}) column {c + 1}")
                   for c, cell in enumerate(row) if cell.strip()]
     if not out:
@@ -77,6 +81,8 @@ def parse_csv(text: str) -> dict[int, list[Action]]:
 
 def format_csv(actions: Mapping[int, Sequence[Action]]) -> str:
     """The CSV form of ``{rank: [Action]}``, rows padded to one width with empty cells."""
+    if not actions:
+        raise ScheduleError("format_csv: no rank to write")
     width = max(len(lst) for lst in actions.values())
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

@@ -18,7 +18,6 @@ or number of groups, and each shard only needs its own columns.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import operator
 from typing import Callable, Optional
@@ -26,6 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from tandem.pipeline._agree import AGREE_TIMEOUT_S, agree, setting
 from tandem.pipeline._transport import ErrorBoard, PipelineError, StageTraffic, wait
 
 __all__ = ["generate", "sharded_argmax"]
@@ -66,6 +66,9 @@ class _Stage:
             if kind is None:
                 raise TypeError(f"generate: a stage holds {type(layer).__name__}; pipelined decoding "
                                 "runs GPT layers (GPTEmbedding, GPTBlock, GPTHead)")
+            if kind == "embed" and max_len > layer.config.max_seq_len:
+                raise ValueError(f"generate: the prompt and max_new_tokens make {max_len} tokens, more "
+                                 f"than the model's max_seq_len={layer.config.max_seq_len}")
             self.kinds.append(kind)
         blocks = [l for l, k in zip(self.layers, self.kinds) if k == "block"]
         if any(b.sequence_parallel for b in blocks):
@@ -138,64 +141,13 @@ def _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatche
         raise ValueError(f"generate: pipeline rank {rank} of {pp} needs stage {rank} of {pp}, got stage "
                          f"{stage} of {getattr(stage_module, 'num_stages', '?')}")
     batch, s0 = prompt.shape
-    m = num_microbatches or min(pp, batch)
-    if not 1 <= m <= batch:
-        raise ValueError(f"generate: num_microbatches must be in 1..{batch} (the batch), got {m}")
+    m = min(pp, batch) if num_microbatches is None else num_microbatches
+    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= batch:
+        raise ValueError(f"generate: num_microbatches must be an int in 1..{batch} (the batch), got {m!r}")
     if rank == pp - 1 and temperature > 0:
         _vocab(stage_module)  # the last stage holds the head
     rows = [r.tolist() for r in torch.arange(batch).tensor_split(m)]
     return rows, _Stage(stage_module, [len(r) for r in rows], s0 + max_new_tokens)
-
-
-def _setting(value) -> int:
-    """An int64 that stands for ``value`` in the agreement (small ints as they are, anything
-    else as a 56-bit digest of its exact text or bytes)."""
-    if isinstance(value, Tensor):
-        data = value.detach().to("cpu", torch.int64).contiguous()
-        raw = repr(tuple(data.shape)).encode() + data.numpy().tobytes()
-    elif isinstance(value, int) and abs(value) < 1 << 62:
-        return value
-    else:
-        raw = repr(value).encode()
-    return int.from_bytes(hashlib.blake2b(raw, digest_size=7).digest(), "little")
-
-
-_AGREE_TIMEOUT_S = 300.0  # for the agreement when the caller's timeout is itself refused
-
-
-def _agree(mesh, board: ErrorBoard, refusal: Optional[BaseException], settings: dict[str, tuple[int, str]],
-           timeout: float, who: str) -> None:
-    """Before anything that waits on a peer: every rank of this replica's tp x pp grid learns
-    whether one of them refused its arguments (its message is on ``board``), or whether they
-    called with different settings (``{name: (int64 stand-in, shown value)}``). One
-    all-reduce over pp, then one over tp; a refusing rank joins them too, so no collective
-    is left half-issued: the waits here do not stop early on the board."""
-    # [refused, x1, -x1, x2, -x2, ...] maxed: every x agrees iff max(x) == -max(-x)
-    flags = torch.tensor([int(refusal is not None)] + [v for x, _ in settings.values() for v in (x, -x)],
-                         dtype=torch.int64, device=mesh.device)
-    if refusal is not None:
-        board.post(f"{who} refused generate: {refusal}")
-    for name, size in (("pp", mesh.pp), ("tp", mesh.tp)):
-        if size > 1:
-            comm = getattr(mesh, f"{name}_comm")
-            work = comm.all_reduce(flags, op="max")
-            if not work.wait_for(timeout):
-                comm.abort()  # its collectives are out of step: later calls raise instead of mixing
-                raise PipelineError(f"{who}: generate's argument check over {name}: no answer within "
-                                    f"{timeout:g} s (does every rank of the pipeline call generate?); "
-                                    f"the mesh's {name} communicator was aborted")
-            work.wait()
-    if refusal is not None:
-        raise refusal  # this rank's own error (ValueError, TypeError, ...); its peers raise its message
-    got = flags.tolist()
-    if got[0]:
-        board.check(force=True)  # raises the refusing rank's message
-        raise PipelineError(f"{who}: another rank refused generate's arguments")
-    differ = [name for i, name in enumerate(settings) if got[1 + 2 * i] != -got[2 + 2 * i]]
-    if differ:
-        mine = ", ".join(f"{name}={settings[name][1]}" for name in differ if name != "prompt")
-        raise PipelineError(f"{who}: the ranks of the pipeline called generate with different "
-                            f"{', '.join(differ)}" + (f" (this rank: {mine})" if mine else ""))
 
 
 def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature, seed, timeout,
@@ -203,17 +155,17 @@ def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temp
     pp, rank = mesh.pp, mesh.pp_rank
     who = f"pipeline rank {rank} (global rank {mesh.rank})"
     names = ("prompt", "max_new_tokens", "num_microbatches", "temperature", "seed", "timeout")
-    refusal, settings, agree_timeout = None, {name: (0, "") for name in names}, _AGREE_TIMEOUT_S
+    refusal, settings, agree_timeout = None, {name: (0, "") for name in names}, AGREE_TIMEOUT_S
     try:
         rows, st = _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature,
                                     seed, timeout)
         seed = operator.index(seed)  # checked: an int-like
         given = (prompt, max_new_tokens, len(rows), float(temperature), seed, float(timeout))
-        settings = {name: (_setting(v), "" if name == "prompt" else repr(v)) for name, v in zip(names, given)}
+        settings = {name: (setting(v), "" if name == "prompt" else repr(v)) for name, v in zip(names, given)}
         agree_timeout = timeout
     except Exception as e:  # bad arguments, or a stage that cannot decode: every rank hears of it
         refusal = e
-    _agree(mesh, check_board, refusal, settings, agree_timeout, who)  # raises on any refusal
+    agree(mesh, ("pp", "tp"), check_board, refusal, settings, agree_timeout, who, "generate")  # raises on any refusal
     batch, s0 = prompt.shape
     first, last = rank == 0, rank == pp - 1
     device = mesh.device

@@ -19,14 +19,17 @@ same error: its peers have stopped too.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import math
 import time
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from tandem.pipeline._agree import AGREE_TIMEOUT_S, agree, setting
 from tandem.pipeline._stage_exec import StageExec
 from tandem.pipeline._transport import ErrorBoard, PipelineError, StageTraffic, wait
 from tandem.pipeline.ir import Action, ActionKind, TimelineRecord
@@ -61,7 +64,10 @@ def _build_schedule(schedule, pp: int, m: int) -> Schedule:
                              f"for {schedule.num_microbatches}")
         return schedule
     if callable(schedule):  # a Schedule class or a factory (num_ranks, num_microbatches)
-        return schedule(pp, m)
+        built = schedule(pp, m)
+        if not isinstance(built, Schedule):
+            raise TypeError(f"PipelineRunner: schedule({pp}, {m}) returned {built!r}, not a Schedule")
+        return built
     raise TypeError(f"PipelineRunner: schedule must be a Schedule or a Schedule class, got {schedule!r}")
 
 
@@ -116,15 +122,61 @@ class PipelineRunner:
         self.mesh = mesh if mesh is not None else (get_mesh() or Mesh.single())
         # first, before checks that may fail on one rank only: every rank takes one key per runner
         self.board = ErrorBoard(self.mesh.board_key("runner"))  # every rank of the mesh reads it
-        pp, rank = self.mesh.pp, self.mesh.pp_rank
+        self.rank = self.mesh.pp_rank
+        self.who = f"pipeline rank {self.rank} (global rank {self.mesh.rank})"
+        self.p2p, self.reducer, self._closed = None, None, False
+        # this rank's checks, then the agreement: a refusal or a setting that differs between
+        # ranks fails every rank here, before any message or link
+        names = ("num_microbatches", "schedule", "shapes", "timeout")
+        refusal, settings, agree_timeout = None, {name: (0, "") for name in names}, AGREE_TIMEOUT_S
+        try:
+            modules = self._configure(stage_module, schedule, loss_fn, num_microbatches, shapes, timeout,
+                                      dp_bucket_bytes)
+            given = (num_microbatches, repr(self.schedule), shapes, float(timeout))
+            settings = {name: (setting(v), repr(v)) for name, v in zip(names, given)}
+            agree_timeout = timeout
+        except (ValueError, TypeError) as e:
+            refusal = e
+        agree(self.mesh, ("pp", "tp", "dp"), self.board, refusal, settings, agree_timeout, self.who,
+              "PipelineRunner")
+        mine = self.layout.stages_of(self.rank)
+        if self.mesh.pp > 1:  # collective over the pp group: every pipeline rank builds its link here
+            prev_rank, next_rank = _neighbours(self.layout, self.rank)
+            self.p2p = StageTraffic(self.mesh.pp_comm, prev_rank, next_rank, board=self.board,
+                                    timeout=timeout, shapes=shapes, who=self.who)
+        self.stages = {s: StageExec(s, mod, self) for s, mod in zip(mine, modules)}
+        if self.mesh.dp > 1:  # dp all-reduce of each stage's buckets during its last backward
+            from tandem.dp import OverlappedGradReducer
+
+            tied = {id(param) for ex in self.stages.values()
+                    for param, _ in getattr(ex.module, "tied", {}).values()}
+            self.reducer = OverlappedGradReducer(
+                [[p for p in ex.module.parameters() if id(p) not in tied] for ex in self.stages.values()],
+                self.mesh, bucket_bytes=dp_bucket_bytes)
+            self._group = {s: i for i, s in enumerate(self.stages)}
+            self._last_b, self._done_at = _final_gradient_actions(self.lowered)
+        self.timeline: list[TimelineRecord] = []
+        self._events: list = []
+
+    def _configure(self, stage_module, schedule, loss_fn, num_microbatches, shapes, timeout,
+                   dp_bucket_bytes) -> list:
+        """This rank's checks (ValueError / TypeError naming what is wrong) and settings;
+        returns its stage modules in order."""
+        pp, rank = self.mesh.pp, self.rank
         if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) \
                 or num_microbatches < 1:
             raise ValueError(f"PipelineRunner: num_microbatches must be an int >= 1, got "
                              f"{num_microbatches!r}")
         if shapes not in ("static", "dynamic"):
             raise ValueError(f'PipelineRunner: shapes must be "static" or "dynamic", got {shapes!r}')
-        if not timeout or timeout <= 0:
-            raise ValueError(f"PipelineRunner: timeout must be positive seconds, got {timeout!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not math.isfinite(timeout) or timeout <= 0:
+            raise ValueError(f"PipelineRunner: timeout must be a finite number of seconds > 0, "
+                             f"got {timeout!r}")
+        if isinstance(dp_bucket_bytes, bool) or not isinstance(dp_bucket_bytes, int) or dp_bucket_bytes < 1:
+            raise ValueError(f"PipelineRunner: dp_bucket_bytes must be an int >= 1, got {dp_bucket_bytes!r}")
+        if not callable(loss_fn):
+            raise TypeError(f"PipelineRunner: loss_fn must be callable, got {loss_fn!r}")
         self.schedule = _build_schedule(schedule, pp, num_microbatches)
         self.layout = self.schedule.layout
         self.num_microbatches, self.loss_fn, self.timeout = num_microbatches, loss_fn, timeout
@@ -142,29 +194,11 @@ class PipelineRunner:
                 raise ValueError(f"PipelineRunner: pipeline rank {rank} runs stage {s} of "
                                  f"{self.layout.num_stages}, but was given stage {given} of "
                                  f"{getattr(mod, 'num_stages', '?')}")
-        self.rank = rank
+        if pp > 1:
+            _neighbours(self.layout, rank)  # a layout the runtime cannot run: refused here
         self.lowered = lower(self.schedule)[rank]
         self.device = self.mesh.device
-        self.who = f"pipeline rank {rank} (global rank {self.mesh.rank})"
-        self.p2p = None
-        if pp > 1:  # collective over the pp group: every pipeline rank builds its link here
-            prev_rank, next_rank = _neighbours(self.layout, rank)
-            self.p2p = StageTraffic(self.mesh.pp_comm, prev_rank, next_rank, board=self.board,
-                                    timeout=timeout, shapes=shapes, who=self.who)
-        self.stages = {s: StageExec(s, mod, self) for s, mod in zip(mine, modules)}
-        self.reducer = None
-        if self.mesh.dp > 1:  # dp all-reduce of each stage's buckets during its last backward
-            from tandem.dp import OverlappedGradReducer
-
-            tied = {id(param) for ex in self.stages.values()
-                    for param, _ in getattr(ex.module, "tied", {}).values()}
-            self.reducer = OverlappedGradReducer(
-                [[p for p in ex.module.parameters() if id(p) not in tied] for ex in self.stages.values()],
-                self.mesh, bucket_bytes=dp_bucket_bytes)
-            self._group = {s: i for i, s in enumerate(self.stages)}
-            self._last_b, self._done_at = _final_gradient_actions(self.lowered)
-        self.timeline: list[TimelineRecord] = []
-        self._events: list = []
+        return modules
 
     # --- public ---------------------------------------------------------------------------
     @property
@@ -176,23 +210,27 @@ class PipelineRunner:
 
     def step(self, inputs: Optional[Tensor] = None, targets: Optional[Tensor] = None) -> Tensor:
         """One training step over ``num_microbatches`` microbatches; returns the mean loss
-        on every rank. ``inputs`` are needed on the first stage, ``targets`` on the last."""
-        self._run(inputs, targets, train=True)
-        self._sum_tied_grads()
-        self._all_reduce_dp()
-        loss = self._share_loss()
-        self._end()
+        on every rank. ``inputs`` are needed on the first stage, ``targets`` on the last.
+        Gradients accumulate into ``param.grad`` (tied weights included) until zeroed."""
+        with self._failing_every_rank():
+            kept = self._set_aside_tied_grads()
+            self._run(inputs, targets, train=True)
+            self._sum_tied_grads(kept)
+            self._all_reduce_dp()
+            loss = self._share_loss()
+            self._end()
         return loss
 
     @torch.no_grad()
     def forward(self, inputs: Optional[Tensor] = None) -> Optional[Tensor]:
         """Inference: the last stage's output for ``inputs`` (concatenated over the
         microbatches) on the last stage's rank, None on the others."""
-        self._run(inputs, None, train=False)
-        last = self.stages.get(self.layout.num_stages - 1)
-        out = torch.cat(last.outputs_in_order(), dim=0) if last is not None else None
-        self._share_loss()  # also a final check that no stage failed
-        self._end()
+        with self._failing_every_rank():
+            self._run(inputs, None, train=False)
+            last = self.stages.get(self.layout.num_stages - 1)
+            out = torch.cat(last.outputs_in_order(), dim=0) if last is not None else None
+            self._share_loss()  # also a final check that no stage failed
+            self._end()
         return out
 
     __call__ = forward
@@ -209,6 +247,22 @@ class PipelineRunner:
     def _fail(self, message: str, cause: BaseException) -> None:
         self.board.post(message)
         raise PipelineError(message) from cause
+
+    @contextlib.contextmanager
+    def _failing_every_rank(self):
+        """A call of this runner: refused once closed; a PipelineError from it, whatever
+        raised it (a stage, a wait, a peer's failure), is posted for every rank (the board
+        keeps the first) and aborts this rank's link, so that nothing of it still runs or
+        waits (NCCL: its kernels end); the runner refuses later calls with that error."""
+        if self._closed:
+            raise PipelineError(f"{self.who}: the runner was closed")
+        try:
+            yield
+        except PipelineError as e:
+            self.board.post(str(e))
+            if self.p2p is not None:
+                self.p2p.link.abort()
+            raise
 
     def _run(self, inputs, targets, *, train: bool) -> None:
         self.board.check(force=True)
@@ -346,24 +400,41 @@ class PipelineRunner:
         return self.timeline
 
     # --- after the last action ----------------------------------------------------------
-    def _sum_tied_grads(self) -> None:
+    def _tied(self):
+        """(pair of stages, this stage, the other, name, parameter) of each tied weight here,
+        in the order of the pairs (the same order on both ends)."""
         exchanges = []
         for ex in self.stages.values():
             for name, (param, other) in getattr(ex.module, "tied", {}).items():
                 pair = (min(ex.stage, other), max(ex.stage, other))
                 exchanges.append((pair, ex.stage, other, name, param))
         exchanges.sort(key=lambda e: e[0])
+        return exchanges
+
+    def _set_aside_tied_grads(self) -> list:
+        """The tied weights' accumulated gradients (equal on both ends), set to None so that
+        the step's exchange sums this step's gradients alone."""
+        kept = []
+        for *_, param in self._tied():
+            kept.append(param.grad)
+            param.grad = None
+        return kept
+
+    def _sum_tied_grads(self, kept: list) -> None:
+        """Sum each tied weight's gradient of this step with the other end's, then add what
+        was accumulated before (``kept``): both ends hold the same bits."""
         local: dict = {}
-        for pair, stage, other, name, param in exchanges:
+        for (pair, stage, other, name, param), before in zip(self._tied(), kept):
             grad = param.grad if param.grad is not None else torch.zeros_like(param)
             peer = self.layout.rank_of(other)
             if peer == self.rank:  # both ends on this rank: sum once both are seen
                 if pair in local:
-                    other_param, other_grad = local.pop(pair)
+                    other_param, other_grad, other_before = local.pop(pair)
                     total = grad + other_grad
-                    param.grad, other_param.grad = total.clone(), total.clone()
+                    param.grad = total if before is None else total + before
+                    other_param.grad = total.clone() if other_before is None else total + other_before
                 else:
-                    local[pair] = (param, grad)
+                    local[pair] = (param, grad, before)
                 continue
             # grad [shape of the tied weight] <-> the other end's, on the pp group's own tag
             theirs = torch.empty_like(grad)
@@ -372,7 +443,8 @@ class PipelineRunner:
                 wait(work, f"{self.who}: tied gradient {name} with rank {peer}", self.board,
                      self.timeout)
             # a + b == b + a in floating point: both ends hold the same sum
-            param.grad = grad + theirs if stage == pair[0] else theirs + grad
+            total = grad + theirs if stage == pair[0] else theirs + grad
+            param.grad = total if before is None else total + before
 
     def _all_reduce_dp(self) -> None:
         """Average over dp: wait for the buckets started during the backward, then the tied
@@ -412,7 +484,8 @@ class PipelineRunner:
 
     def close(self) -> None:
         """Release what the runner holds beyond its modules: the dp reducer's gradient hooks
-        and the StageLink's communicators (aborted: local, no peer waits)."""
+        and the StageLink's communicators (aborted: local, no peer waits). Later calls raise."""
+        self._closed = True
         if self.reducer is not None:
             self.reducer.remove()
             self.reducer = None

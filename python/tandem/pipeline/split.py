@@ -159,8 +159,10 @@ def _agree(costs: list[float]) -> list[float]:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return costs
-    t = torch.tensor(costs, dtype=torch.float64)
-    dist.all_reduce(t)  # (L,) summed over every rank (gloo or a CPU-capable backend)
+    # NCCL reduces CUDA tensors only; gloo (and mixed "cpu:gloo,cuda:nccl") takes CPU ones
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(costs, dtype=torch.float64, device=device)
+    dist.all_reduce(t)  # (L,) summed over every rank
     return (t / dist.get_world_size()).tolist()
 
 
@@ -219,6 +221,8 @@ def partition(layers: Sequence[nn.Module], num_stages: int, *, balance="params",
             if sample_input is None:
                 raise ValueError('split: balance="time" needs sample_input (an input of the '
                                  'first layer) to time the layers')
+            if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+                raise ValueError(f"split: repeats must be an int >= 1, got {repeats!r}")
             costs = _agree(_measure_times(layers, sample_input, repeats))
         else:
             raise ValueError(f'split: balance must be "params", "uniform", "time" or a list of '
