@@ -117,6 +117,9 @@ def _check_recv_timeout(comm, rank, n):
     receive stays parked, so a message that arrives late lands there and the connection
     between the two ranks keeps working."""
     side = comm.fork()  # its own tag: nothing else can match this recv
+    assert side.timeout == comm.timeout and comm.fork(timeout=7.5).timeout == 7.5
+    with pytest.raises(ValueError, match="fork: timeout must be a finite number of seconds > 0"):
+        comm.fork(timeout=float("inf"))
     if rank == 0:
         w = side.recv(torch.empty(3), 1)
         with pytest.raises(TimeoutError) as info:

@@ -161,6 +161,22 @@ def test_module_matches_linear_gelu_on_cuda():
     _assert_within_twice_composite(got, plain, exact, torch.bfloat16, ["out", "dx", "dw", "db"])
 
 
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["fp32", "tf32"])
+def test_float32_follows_torchs_matmul_precision(allow_tf32):
+    """fp32 on the epilogue path computes as torch's own GEMM is told to
+    (torch.backends.cuda.matmul.allow_tf32): within twice the composite's error either way."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        x, w, b, grad_out = _inputs((256,), 512, 1024, torch.float32, True)
+        got = _run(_fused("tanh"), x, w, b, grad_out)
+        plain = _run(_composite("tanh"), x, w, b, grad_out)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    exact = _run(_composite("tanh"), *_float64(x, w, b), grad_out.double())
+    _assert_within_twice_composite(got, plain, exact, torch.float32, ["out", "dx", "dw", "db"])
+
+
 def test_bad_input_on_cuda_raises_clearly():
     x = torch.randn(4, 8, device="cuda")
     with pytest.raises(ValueError, match="in_features"):

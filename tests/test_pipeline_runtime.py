@@ -74,6 +74,23 @@ def _refusals(mesh, world):
     return refused, cut, again
 
 
+def _tp_peer_failure():
+    """tp=2 inside one stage: a layer raises on tp rank 0 in microbatch 1, before that
+    microbatch's TP all-reduce; tp rank 1, waiting in it, stops with that message at once
+    (not at the runner's timeout, nor the communicator's)."""
+    import tandem
+    from tandem.nn import ParallelMLP
+    from tandem.pipeline import GPipe, PipelineRunner, split
+
+    mesh = tandem.init_mesh(tp=2)
+    torch.manual_seed(0)
+    layers = [_Boom() if mesh.tp_rank == 0 else nn.Identity(), ParallelMLP(H, 2 * H, mesh=mesh)]
+    runner = PipelineRunner(split(layers, 1, stage=0), mesh=mesh, schedule=GPipe(1, 2),
+                            loss_fn=nn.functional.mse_loss, num_microbatches=2, timeout=60)
+    x, y = _batch(4)
+    return _outcome(lambda: runner.step(x, y))
+
+
 def _tied_accumulation(mesh, world):
     """A GPT with tied embeddings, two steps without zeroing: this rank's tied gradients
     after each step."""
@@ -205,7 +222,7 @@ def _check_schedules(rank, world, tmp):
         assert out is None
     _dynamic_shapes(mesh, world)
     return (report, _failing_stage(mesh, world), _shape_change(mesh, world), _refusals(mesh, world),
-            _tied_accumulation(mesh, world))
+            _tied_accumulation(mesh, world), _tp_peer_failure() if world == 2 else None)
 
 
 def _dynamic_shapes(mesh, world):
@@ -285,6 +302,9 @@ def test_every_schedule_matches_single_process(world, tmp_path):
     assert all(tied == [[], []] for tied in ends[1:-1])
     assert torch.equal(first1, last1) and torch.equal(first2, last2)  # both ends: the same bits
     torch.testing.assert_close(first2, 2 * first1)  # accumulated, not summed twice
+    for rank, outcome in enumerate(r[5] for r in results if world == 2):
+        kind, message, seconds = outcome
+        assert kind == "PipelineError" and "boom in a layer" in message and seconds < 10, (rank, outcome)
     trace = json.load(open(tmp_path / "trace0.json"))
     names = {e["name"] for e in trace["traceEvents"]}
     assert "0F0" in names and all(e["ph"] == "X" and e["dur"] >= 0 for e in trace["traceEvents"])

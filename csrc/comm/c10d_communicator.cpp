@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "comm/errors.h"
+#include "comm/wait_watch.h"
 
 namespace tandem::comm {
 
@@ -165,8 +166,12 @@ class C10dWork final : public Work {
 
  private:
   // A collective runs on a gloo worker thread; Work::wait(timeout) waits for it without
-  // disturbing it.
+  // disturbing it. Under a WaitWatch, in slices, with the watch's check between them.
   void wait_collective(double limit) {
+    if (const WaitWatch* watch = current_wait_watch()) {
+      limit = std::min(limit, watch->timeout_s);
+      watch_collective(*watch, limit);  // returns once completed (successfully or not)
+    }
     const auto start = Clock::now();
     bool ok = false;
     try {
@@ -177,6 +182,20 @@ class C10dWork final : public Work {
       fail(waited >= 0.95 * limit, e.what(), limit);
     }
     if (!ok) fail(false, "the operation was aborted", limit);
+  }
+
+  void watch_collective(const WaitWatch& watch, double limit) {
+    constexpr double kSlice = 0.02;
+    const auto start = Clock::now();
+    while (!wait_for(kSlice)) {
+      try {
+        watch.check();
+      } catch (const std::exception& e) {
+        error_ = what() + ": stopped waiting: " + first_line(e.what());
+        throw CommError(error_);
+      }
+      if (std::chrono::duration<double>(Clock::now() - start).count() >= limit) fail(true, "", limit);
+    }
   }
 
   void wait_p2p(double limit) {
@@ -234,9 +253,10 @@ C10dCommunicator::C10dCommunicator(c10::intrusive_ptr<c10d::ProcessGroup> pg, at
   TORCH_CHECK_VALUE(pg_, "tandem.comm: the process group is None");
 }
 
-CommunicatorPtr C10dCommunicator::fork() {
+CommunicatorPtr C10dCommunicator::fork(std::optional<double> timeout_s) {
   check_alive(who() + ": fork");
-  return CommunicatorPtr(new C10dCommunicator(pg_, device(), timeout_s(), next_tag_->fetch_add(1), next_tag_));
+  return CommunicatorPtr(new C10dCommunicator(pg_, device(), timeout_s.value_or(this->timeout_s()),
+                                              next_tag_->fetch_add(1), next_tag_));
 }
 
 C10dCommunicator::~C10dCommunicator() {

@@ -20,7 +20,7 @@ class C10dCommunicator final : public Communicator {
 
   std::string backend() const override { return "c10d:" + pg_->getBackendName(); }
   // Same ProcessGroup, a fresh p2p tag: its sends/recvs never match this one's.
-  CommunicatorPtr fork() override;
+  CommunicatorPtr fork(std::optional<double> timeout_s) override;
   // Marks this communicator aborted (later calls raise). The ProcessGroup is the caller's and
   // stays up; use dist.destroy_process_group to end it.
   void abort() override;

@@ -61,8 +61,9 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
 
   // A communicator over the same ranks whose operations are ordered independently of this
   // one's (NCCL: ncclCommSplit and its own stream; c10d: its own p2p tag). Collective: every
-  // rank of the group calls fork() in the same order.
-  virtual std::shared_ptr<Communicator> fork() = 0;
+  // rank of the group calls fork() in the same order. timeout_s: the fork's default timeout
+  // (nullopt: this communicator's).
+  virtual std::shared_ptr<Communicator> fork(std::optional<double> timeout_s) = 0;
   // Tears the communicator down; pending and later operations raise CommError.
   virtual void abort() = 0;
   // An orderly end (NCCL: finalize, which waits for this communicator's pending operations

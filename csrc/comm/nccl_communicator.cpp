@@ -113,7 +113,7 @@ void NcclCommunicator::check() {
   }
 }
 
-CommunicatorPtr NcclCommunicator::fork() {
+CommunicatorPtr NcclCommunicator::fork(std::optional<double> timeout_s) {
   c10::cuda::CUDAGuard guard(device_index_);
   auto child = std::make_shared<NcclState>();
   child->who = state_->who;
@@ -125,11 +125,12 @@ CommunicatorPtr NcclCommunicator::fork() {
     const std::string what = who() + ": ncclCommSplit";
     // color 0, key = rank: the same ranks in the same order, an independent communicator
     nccl_check(ncclCommSplit(state_->comm, 0, rank(), &child->comm, &config), what);
-    nccl_wait_ready_locked(*state_, what, deadline_after(timeout_s()));
+    nccl_wait_ready_locked(*state_, what, deadline_after(this->timeout_s()));
     std::lock_guard<std::mutex> child_lock(child->mu);
-    nccl_wait_ready_locked(*child, what, deadline_after(timeout_s()));
+    nccl_wait_ready_locked(*child, what, deadline_after(this->timeout_s()));
   }
-  return CommunicatorPtr(new NcclCommunicator(child, rank(), size(), device_index_, timeout_s()));
+  return CommunicatorPtr(new NcclCommunicator(child, rank(), size(), device_index_,
+                                              timeout_s.value_or(this->timeout_s())));
 }
 
 template <class Body>

@@ -24,7 +24,7 @@ class NcclCommunicator final : public Communicator {
 
   std::string backend() const override { return "nccl"; }
   // ncclCommSplit (same ranks) with its own comm stream.
-  CommunicatorPtr fork() override;
+  CommunicatorPtr fork(std::optional<double> timeout_s) override;
   void abort() override;
   void close(std::optional<double> timeout_s) override;
   void check() override;

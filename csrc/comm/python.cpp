@@ -95,7 +95,7 @@ void bind(py::module_& m) {
              py::gil_scoped_release release;
              return c.batch_p2p(p2p);
            })
-      .def("fork", &Communicator::fork, Release())
+      .def("fork", &Communicator::fork, py::arg("timeout") = py::none(), Release())
       .def("abort", &Communicator::abort, Release())
       .def("close", &Communicator::close, py::arg("timeout") = py::none(), Release())
       .def("check", &Communicator::check, Release());

@@ -1,5 +1,6 @@
 // CUDA side of the fused linear+GeLU: the cuBLASLt forward with a GeLU epilogue, and the
 // elementwise kernels of the general path and of backward (math from gelu_math.h).
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -44,8 +45,8 @@ __global__ void gelu_backward_kernel(const scalar_t* __restrict__ grad_out, cons
 #define TANDEM_CUBLASLT_CHECK(expr)                                                         \
   do {                                                                                      \
     const cublasStatus_t _s = (expr);                                                       \
-    TORCH_CHECK(_s == CUBLAS_STATUS_SUCCESS, "tandem: ", #expr, " failed with cublasStatus ", \
-                static_cast<int>(_s));                                                      \
+    TORCH_CHECK(_s == CUBLAS_STATUS_SUCCESS, "tandem: ", #expr, " failed: ",                \
+                cublasLtGetStatusName(_s), " (", cublasLtGetStatusString(_s), ")");          \
   } while (0)
 
 // Owns the cuBLASLt descriptors of one matmul.
@@ -91,6 +92,7 @@ struct CachedAlgo {
   cublasLtMatmulAlgo_t algo{};
 };
 struct AlgoCache {
+  static constexpr size_t kMaxEntries = 4096;  // problems with ever new sizes (decoding) start over
   std::mutex mu;
   std::map<AlgoKey, CachedAlgo> algos;
 };
@@ -145,7 +147,11 @@ struct LtGemm {
 bool lt_gemm(const LtGemm& g, const at::TensorOptions& options) {
   const cudaDataType_t dt = cuda_type(g.dtype);
   LtDescriptors desc;
-  TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&desc.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  // fp32 operands follow torch's matmul precision (torch.backends.cuda.matmul.allow_tf32), as
+  // the general path's GEMM does; half types accumulate in fp32
+  const bool tf32 = g.dtype == at::kFloat && at::globalContext().allowTF32CuBLAS();
+  TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&desc.op, tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
+                                                 CUDA_R_32F));
   const cublasOperation_t trans_b = CUBLAS_OP_N;
   TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, &g.trans_a, sizeof(g.trans_a)));
   TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b, sizeof(trans_b)));
@@ -185,7 +191,7 @@ bool lt_gemm(const LtGemm& g, const at::TensorOptions& options) {
     aligns = aligns * 16 + log2;
   }
   const AlgoKey key{options.device().index(), g.m, g.n, g.k, static_cast<int>(g.dtype),
-                    static_cast<int>(g.epilogue) * 2 + (g.trans_a == CUBLAS_OP_T), aligns};
+                    (static_cast<int>(g.epilogue) * 2 + (g.trans_a == CUBLAS_OP_T)) * 2 + tf32, aligns};
   CachedAlgo algo;
   {
     AlgoCache& cache = algo_cache();
@@ -201,6 +207,7 @@ bool lt_gemm(const LtGemm& g, const at::TensorOptions& options) {
         entry.found = true;
         entry.algo = heuristic.algo;
       }
+      if (cache.algos.size() >= AlgoCache::kMaxEntries) cache.algos.clear();
       it = cache.algos.emplace(key, entry).first;
     }
     algo = it->second;

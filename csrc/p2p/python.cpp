@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "comm/python.h"
+#include "comm/wait_watch.h"
 #include "p2p/stage_link.h"
 
 namespace py = pybind11;
@@ -19,6 +20,25 @@ void bind(py::module_& m) {
       .def("post", &ErrorBoard::post, Release())
       .def("check", &ErrorBoard::check, py::arg("force") = false, Release(),
            "Raise CommError with the posted message, if any.");
+  // with _WaitWatch(board, timeout): this thread's host waits for c10d collectives also stop
+  // when the board holds a failure, and after timeout seconds
+  struct PyWaitWatch {
+    ErrorBoard* board;
+    double timeout_s;
+    std::unique_ptr<comm::ScopedWaitWatch> scope;
+  };
+  py::class_<PyWaitWatch>(m, "_WaitWatch")
+      .def(py::init([](ErrorBoard& board, double timeout_s) {
+             TORCH_CHECK_VALUE(timeout_s > 0, "_WaitWatch: timeout must be > 0, got ", timeout_s);
+             return PyWaitWatch{&board, timeout_s, nullptr};
+           }),
+           py::arg("board"), py::arg("timeout"), py::keep_alive<1, 2>())
+      .def("__enter__", [](PyWaitWatch& w) {
+        TORCH_CHECK(!w.scope, "_WaitWatch: already entered");
+        ErrorBoard* board = w.board;
+        w.scope = std::make_unique<comm::ScopedWaitWatch>(comm::WaitWatch{[board] { board->check(false); }, w.timeout_s});
+      })
+      .def("__exit__", [](PyWaitWatch& w, py::args) { w.scope.reset(); });
   py::class_<RecvHandle, std::shared_ptr<RecvHandle>>(m, "RecvHandle", "One posted StageLink receive.")
       .def("is_completed", &RecvHandle::is_completed, Release())
       .def("wait", &RecvHandle::wait, py::arg("timeout") = py::none(), Release(),

@@ -106,8 +106,9 @@ StageLink::StageLink(comm::CommunicatorPtr comm, std::optional<int> prev, std::o
   }
   const int n = comm->size();
   const int colors = n % 2 == 0 ? 2 : 3;  // the same on every rank: forks stay collective
-  for (int c = 0; c < colors; ++c) fwd_.push_back(comm->fork());
-  for (int c = 0; c < colors; ++c) bwd_.push_back(comm->fork());
+  // the forks' operations time out after the link's timeout (NCCL: their watchdog)
+  for (int c = 0; c < colors; ++c) fwd_.push_back(comm->fork(timeout_s));
+  for (int c = 0; c < colors; ++c) bwd_.push_back(comm->fork(timeout_s));
   const int me = stage_;
   const int in_color = prev ? edge_color(*prev, me, n) : 0;   // edge prev -> me
   const int out_color = next ? edge_color(me, *next, n) : 0;  // edge me -> next

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import math
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class Mesh:
     tp_group: Optional[dist.ProcessGroup] = None
     pp_group: Optional[dist.ProcessGroup] = None
     dp_group: Optional[dist.ProcessGroup] = None
+    timeout: float = 300.0  # seconds: the default timeout of the mesh's communicators
     _comms: dict = field(default_factory=dict, repr=False)
     _serial: Optional[int] = field(default=None, repr=False)  # set by init_mesh
     _counts: dict = field(default_factory=dict, repr=False)
@@ -85,7 +87,8 @@ class Mesh:
         if name not in self._comms:
             from tandem.comm import Communicator
 
-            self._comms[name] = Communicator(getattr(self, f"{name}_group"), self.device)
+            self._comms[name] = Communicator(getattr(self, f"{name}_group"), self.device,
+                                             timeout=self.timeout)
         return self._comms[name]
 
     @property
@@ -139,11 +142,16 @@ def init_mesh(tp: int = 1, pp: int = 1, dp: Optional[int] = None, *, backend: Op
     Initialises torch.distributed from the torchrun environment when it is not yet
     initialised (``nccl`` when CUDA is available, else ``gloo``; ``backend`` overrides), and
     as a single process when no launcher set ``WORLD_SIZE``. ``dp`` defaults to
-    ``world_size // (tp * pp)``. Raises ValueError when the world size is not tp * pp * dp.
+    ``world_size // (tp * pp)``. ``timeout``: seconds, for the process group and as the
+    default of the mesh's communicators. Raises ValueError when the world size is not
+    tp * pp * dp.
     """
     for name, value in (("tp", tp), ("pp", pp)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"init_mesh: {name} must be a positive integer, got {value!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
+            or timeout <= 0:
+        raise ValueError(f"init_mesh: timeout must be a finite number of seconds > 0, got {timeout!r}")
     if not dist.is_initialized():
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -172,7 +180,8 @@ def init_mesh(tp: int = 1, pp: int = 1, dp: Optional[int] = None, *, backend: Op
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    mesh = Mesh(tp=tp, pp=pp, dp=dp, rank=rank, device=device, _serial=next(_mesh_serials))
+    mesh = Mesh(tp=tp, pp=pp, dp=dp, rank=rank, device=device, timeout=float(timeout),
+                _serial=next(_mesh_serials))
     _new_groups(mesh, backend=None)
     set_mesh(mesh)
     return mesh

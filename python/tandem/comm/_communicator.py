@@ -9,6 +9,7 @@ stream with CUDA events only); CPU tensors go through the group's c10d ProcessGr
 from __future__ import annotations
 
 import atexit
+import math
 import weakref
 from typing import Optional, Sequence, Union
 
@@ -155,11 +156,15 @@ class Communicator:
         return self._impl.batch_p2p([(kind, t, int(peer)) for kind, t, peer in ops])
 
     # --- lifetime ---------------------------------------------------------------------
-    def fork(self) -> "Communicator":
+    def fork(self, timeout: Optional[float] = None) -> "Communicator":
         """A communicator over the same ranks whose operations are ordered independently of
-        this one's (NCCL: ncclCommSplit with its own comm stream; c10d: its own p2p tag).
-        Collective: every rank of the group forks in the same order."""
-        return Communicator(self.group, _impl=self._impl.fork())
+        this one's (NCCL: ncclCommSplit with its own comm stream; c10d: its own p2p tag),
+        with default timeout ``timeout`` seconds (None: this one's). Collective: every rank
+        of the group forks in the same order."""
+        if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout)
+                                        and timeout > 0):
+            raise ValueError(f"Communicator.fork: timeout must be a finite number of seconds > 0, got {timeout!r}")
+        return Communicator(self.group, _impl=self._impl.fork(timeout))
 
     def abort(self) -> None:
         """Tear the communicator down: pending and later operations raise CommError."""

@@ -236,8 +236,8 @@ class PipelineRunner:
     __call__ = forward
 
     def chrome_trace(self) -> dict:
-        """This rank's last timeline as Chrome-trace JSON."""
-        return chrome_trace(self.timeline)
+        """This rank's last timeline as Chrome-trace JSON (CUDA: its events resolved first)."""
+        return chrome_trace(self.resolve_timeline())
 
     def save_chrome_trace(self, path) -> None:
         with open(path, "w") as f:
@@ -250,14 +250,19 @@ class PipelineRunner:
 
     @contextlib.contextmanager
     def _failing_every_rank(self):
-        """A call of this runner: refused once closed; a PipelineError from it, whatever
-        raised it (a stage, a wait, a peer's failure), is posted for every rank (the board
-        keeps the first) and aborts this rank's link, so that nothing of it still runs or
-        waits (NCCL: its kernels end); the runner refuses later calls with that error."""
+        """A call of this runner: refused once closed. Its host waits for collectives (TP
+        inside a stage, DP) also end when a peer posted a failure, and after ``timeout``. A
+        PipelineError from it, whatever raised it (a stage, a wait, a peer's failure), is
+        posted for every rank (the board keeps the first) and aborts this rank's link, so
+        that nothing of it still runs or waits (NCCL: its kernels end); the runner refuses
+        later calls with that error."""
+        from tandem import _C
+
         if self._closed:
             raise PipelineError(f"{self.who}: the runner was closed")
         try:
-            yield
+            with _C._WaitWatch(self.board._impl, float(self.timeout)):
+                yield
         except PipelineError as e:
             self.board.post(str(e))
             if self.p2p is not None:
