@@ -107,6 +107,8 @@ class StageLink : public std::enable_shared_from_this<StageLink> {
     std::string what;
   };
 
+  // Uses every fork's edges once, while every rank is here (see stage_link.cpp).
+  void connect();
   void post_send(Direction& d, const at::Tensor& t);
   std::shared_ptr<RecvHandle> post_recv(Direction& d);
   // Puts queued receives of d on the wire while their metadata is known (non-blocking).
