@@ -281,3 +281,19 @@ def test_stage_link_dead_peer_makes_survivors_raise():
         assert f"stage {rank}: recv_" in msg and "stage 1" in msg, msg
     assert procs[1].exitcode == 1
     assert procs[0].exitcode == 0 and procs[2].exitcode == 0, [p.exitcode for p in procs]
+
+
+def test_single_hardware_queue_is_warned_about(monkeypatch):
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 and early receives can stall pipeline ranks on GPUs:
+    a StageLink over NCCL warns (the check itself, without a GPU)."""
+    import warnings
+
+    from tandem.comm._stage_link import _warn_single_connection
+
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    with pytest.warns(RuntimeWarning, match="CUDA_DEVICE_MAX_CONNECTIONS=1 puts every stream in one hardware queue"):
+        _warn_single_connection()
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_single_connection()

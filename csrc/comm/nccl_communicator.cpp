@@ -125,7 +125,13 @@ CommunicatorPtr NcclCommunicator::fork(std::optional<double> timeout_s) {
     const std::string what = who() + ": ncclCommSplit";
     // color 0, key = rank: the same ranks in the same order, an independent communicator
     nccl_check(ncclCommSplit(state_->comm, 0, rank(), &child->comm, &config), what);
-    nccl_wait_ready_locked(*state_, what, deadline_after(this->timeout_s()));
+    try {
+      nccl_wait_ready_locked(*state_, what, deadline_after(this->timeout_s()));
+    } catch (...) {  // the parent failed (and was aborted): the half-made child goes too
+      if (child->comm) ncclCommAbort(child->comm);
+      child->comm = nullptr;
+      throw;
+    }
     std::lock_guard<std::mutex> child_lock(child->mu);
     nccl_wait_ready_locked(*child, what, deadline_after(this->timeout_s()));
   }
@@ -145,6 +151,12 @@ std::shared_ptr<CudaEvent> NcclCommunicator::enqueue(const std::string& what, co
     C10_CUDA_CHECK(cudaEventRecord(ready.get(), current));
     C10_CUDA_CHECK(cudaStreamWaitEvent(stream_.stream(), ready.get(), 0));
   }
+  // first: the caching allocator must not hand this memory out before the comm stream is
+  // done with it, even when enqueueing fails below with the kernels possibly launched
+  for (const auto& t : tensors) {
+    if (t.storage().nbytes() == 0) continue;
+    c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), stream_);
+  }
   {
     std::lock_guard<std::mutex> lock(state_->mu);
     state_->raise_if_failed_locked();
@@ -159,11 +171,6 @@ std::shared_ptr<CudaEvent> NcclCommunicator::enqueue(const std::string& what, co
     nccl_check(ncclGroupEnd(), what);
     // non-blocking: the group is enqueued on the stream only once the communicator is ready
     nccl_wait_ready_locked(*state_, what, deadline_after(timeout_s()));
-  }
-  for (const auto& t : tensors) {
-    if (t.storage().nbytes() == 0) continue;
-    // the caching allocator must not hand this memory out before the comm stream is done
-    c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), stream_);
   }
   auto end = std::make_shared<CudaEvent>();
   C10_CUDA_CHECK(cudaEventRecord(end->get(), stream_.stream()));

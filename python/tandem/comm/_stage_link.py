@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import os
+import warnings
 from typing import Optional
 
 from torch import Tensor
@@ -34,6 +36,17 @@ def _default_board(comm: Communicator):
     n = _links_per_group[ranks]
     _links_per_group[ranks] += 1
     return store, "tandem/stagelink/" + "-".join(map(str, ranks)) + f"/{n}/error"
+
+
+def _warn_single_connection() -> None:
+    """Early-posted receives keep NCCL kernels waiting on the GPU while other work runs; with
+    one hardware queue (CUDA_DEVICE_MAX_CONNECTIONS=1, which some TP setups ask for) that
+    other work queues behind them, and a peer whose send depends on it never sends."""
+    if os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
+        warnings.warn("tandem.comm.StageLink: CUDA_DEVICE_MAX_CONNECTIONS=1 puts every stream in one "
+                      "hardware queue, where a receive posted early blocks the kernels queued after it "
+                      "and pipeline ranks can wait on each other until the timeout; unset it (or set "
+                      "it to 8 or more) for pipeline parallelism", RuntimeWarning, stacklevel=3)
 
 
 class StageLink:
@@ -79,6 +92,7 @@ class StageLink:
                                    store, board_key)
         if comm.backend == "nccl":  # its forks are NCCL communicators too: abort them at exit
             _live_nccl.add(self)
+            _warn_single_connection()
 
     @property
     def stage(self) -> int:
