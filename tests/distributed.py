@@ -14,7 +14,7 @@ import traceback
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["run_ranks"]
+__all__ = ["run_ranks", "outcome"]
 
 
 def _entry(rank, world_size, init_file, fn, args, queue):
@@ -74,3 +74,14 @@ def run_ranks(world_size, fn, *args, timeout=120.0):
             parts.append(f"ranks {missing} did not finish within {timeout:.0f}s")
         raise RuntimeError("distributed test failed:\n" + "\n".join(parts))
     return [results[r] for r in range(world_size)]
+
+
+def outcome(call):
+    """(exception type name, message, seconds) of a call expected to raise, on a rank: what
+    failure tests compare across ranks."""
+    t0 = time.monotonic()
+    try:
+        call()
+    except Exception as e:
+        return type(e).__name__, str(e), time.monotonic() - t0
+    return "no error", "", time.monotonic() - t0

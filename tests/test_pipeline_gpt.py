@@ -16,7 +16,7 @@ One spawned world runs all cases (a 4-rank world costs ~10 s to start here).
 import torch
 import torch.distributed as dist
 
-from distributed import run_ranks
+from distributed import outcome, run_ranks
 
 STEPS, LR = 3, 0.5
 
@@ -97,18 +97,6 @@ def _check_weights(stages, ref, mesh, what):
             torch.testing.assert_close(full, ref.embed.tok.weight, msg=lambda m: f"{what} {name}: {m}")
 
 
-def _outcome(call):
-    """(exception type name, message, seconds) of a call expected to raise."""
-    import time
-
-    t0 = time.monotonic()
-    try:
-        call()
-    except Exception as e:
-        return type(e).__name__, str(e), time.monotonic() - t0
-    return "no error", "", time.monotonic() - t0
-
-
 def _tied_values(stages):
     return [p.detach().clone() for st in stages for p, _ in st.tied.values()]
 
@@ -153,16 +141,16 @@ def _worker(rank, world):
     # at once; ranks whose prompts differ all refuse; no collective is left half-issued, so
     # the next call decodes as before
     bad = mesh.pp_rank == 1 and mesh.tp_rank == 0
-    out["refused"] = _outcome(lambda: generate(stage, prompt, 0 if bad else 6, mesh=mesh, timeout=60))
+    out["refused"] = outcome(lambda: generate(stage, prompt, 0 if bad else 6, mesh=mesh, timeout=60))
     short = prompt[:, :4] if mesh.pp_rank == 1 else prompt
-    out["mismatch"] = [_outcome(lambda: generate(stage, short, 6, mesh=mesh, timeout=60))]
+    out["mismatch"] = [outcome(lambda: generate(stage, short, 6, mesh=mesh, timeout=60))]
     other = prompt.clone()
     other[1, 2] += mesh.pp_rank  # same shape, one token differs
-    out["mismatch"].append(_outcome(lambda: generate(stage, other, 6, mesh=mesh, timeout=60)))
+    out["mismatch"].append(outcome(lambda: generate(stage, other, 6, mesh=mesh, timeout=60)))
     seed = 7 + mesh.tp_rank  # tp ranks of the last stage would sample different tokens
-    out["seed"] = _outcome(lambda: generate(stage, prompt, 6, mesh=mesh, temperature=0.8, seed=seed, timeout=60))
+    out["seed"] = outcome(lambda: generate(stage, prompt, 6, mesh=mesh, temperature=0.8, seed=seed, timeout=60))
     # a refused timeout: the agreement waits with a default instead, nothing is aborted
-    out["timeout"] = _outcome(lambda: generate(stage, prompt, 6, mesh=mesh, timeout=-1.0 if bad else 60))
+    out["timeout"] = outcome(lambda: generate(stage, prompt, 6, mesh=mesh, timeout=-1.0 if bad else 60))
     assert torch.equal(generate(stage, prompt, 6, mesh=mesh), want), "decoding after refused calls"
     out["bad"] = bad
 

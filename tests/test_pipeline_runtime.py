@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from distributed import run_ranks
+from distributed import outcome, run_ranks
 
 H = 8
 
@@ -43,18 +43,6 @@ class _CutInput(nn.Module):
         return self.inner(x.detach())
 
 
-def _outcome(call):
-    """(exception type name, message, seconds) of a call expected to raise."""
-    import time
-
-    t0 = time.monotonic()
-    try:
-        call()
-    except Exception as e:
-        return type(e).__name__, str(e), time.monotonic() - t0
-    return "no error", "", time.monotonic() - t0
-
-
 def _refusals(mesh, world):
     """A rank that refuses to build its runner (it was given the wrong stage), then a stage
     whose input gets no gradient: every rank fails with that rank's message, at once."""
@@ -64,13 +52,13 @@ def _refusals(mesh, world):
     stage = split(_layers(world), world, balance="uniform", stage=0 if mesh.pp_rank == bad else None)
     kw = dict(mesh=mesh, schedule=OneFOneB(world, world), loss_fn=nn.functional.mse_loss,
               num_microbatches=world, timeout=60)
-    refused = _outcome(lambda: PipelineRunner(stage, **kw))
+    refused = outcome(lambda: PipelineRunner(stage, **kw))
     layers = _layers(world)
     layers[1] = _CutInput()
     runner = PipelineRunner(split(layers, world, balance="uniform"), **kw)
     x, y = _batch(2 * world)
-    cut = _outcome(lambda: runner.step(x if mesh.pp_rank == 0 else None, y if mesh.pp_rank == bad else None))
-    again = _outcome(lambda: runner.step(x if mesh.pp_rank == 0 else None, y if mesh.pp_rank == bad else None))
+    cut = outcome(lambda: runner.step(x if mesh.pp_rank == 0 else None, y if mesh.pp_rank == bad else None))
+    again = outcome(lambda: runner.step(x if mesh.pp_rank == 0 else None, y if mesh.pp_rank == bad else None))
     return refused, cut, again
 
 
@@ -88,7 +76,7 @@ def _tp_peer_failure():
     runner = PipelineRunner(split(layers, 1, stage=0), mesh=mesh, schedule=GPipe(1, 2),
                             loss_fn=nn.functional.mse_loss, num_microbatches=2, timeout=60)
     x, y = _batch(4)
-    return _outcome(lambda: runner.step(x, y))
+    return outcome(lambda: runner.step(x, y))
 
 
 def _tied_accumulation(mesh, world):
@@ -302,9 +290,9 @@ def test_every_schedule_matches_single_process(world, tmp_path):
     assert all(tied == [[], []] for tied in ends[1:-1])
     assert torch.equal(first1, last1) and torch.equal(first2, last2)  # both ends: the same bits
     torch.testing.assert_close(first2, 2 * first1)  # accumulated, not summed twice
-    for rank, outcome in enumerate(r[5] for r in results if world == 2):
-        kind, message, seconds = outcome
-        assert kind == "PipelineError" and "boom in a layer" in message and seconds < 10, (rank, outcome)
+    for rank, tp_failure in enumerate(r[5] for r in results if world == 2):
+        kind, message, seconds = tp_failure
+        assert kind == "PipelineError" and "boom in a layer" in message and seconds < 10, (rank, tp_failure)
     trace = json.load(open(tmp_path / "trace0.json"))
     names = {e["name"] for e in trace["traceEvents"]}
     assert "0F0" in names and all(e["ph"] == "X" and e["dur"] >= 0 for e in trace["traceEvents"])
