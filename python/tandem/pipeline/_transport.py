@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 __all__ = ["PipelineError", "ErrorBoard", "StageTraffic", "wait"]
