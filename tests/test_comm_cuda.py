@@ -183,6 +183,21 @@ def _two_gpus(rank, n):
         link.send_forward(torch.full((64, 128), 7.0, device="cuda"))
         link.wait_sends()
 
+    # a new link's first receive, posted long before the peer's first send, returns at once:
+    # building the link connected its forks (NCCL sets a pair up at its first send/recv)
+    fresh = StageLink(comm, None if rank == 0 else 0, 1 if rank == 0 else None, shapes="static", timeout=30.0)
+    if rank == 0:
+        t0 = time.monotonic()
+        handle = fresh.irecv_backward()
+        posting = time.monotonic() - t0
+        g = handle.wait()
+        assert torch.equal(g, torch.full_like(g, 5.0))
+        assert posting < 0.5, f"posting the first receive took {posting:.2f} s"
+    else:
+        time.sleep(2.0)
+        fresh.send_backward(torch.full((64, 128), 5.0, device="cuda"))
+        fresh.wait_sends()
+
     def shard(r):  # rank r's x [37, K/tp] and w [32, K/tp]
         gen = torch.Generator(device="cuda").manual_seed(r)
         return torch.randn(37, 64, device="cuda", generator=gen), torch.randn(32, 64, device="cuda", generator=gen)

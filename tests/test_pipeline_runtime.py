@@ -32,6 +32,22 @@ def _layers(n):
     return [nn.Sequential(_WLinear(H, H), nn.Tanh()) for _ in range(n)]
 
 
+class _Sleepy(nn.Module):
+    """Sleeps in its second forward (microbatch 1)."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds, self.calls = seconds, 0
+
+    def forward(self, x):
+        import time
+
+        self.calls += 1
+        if self.calls == 2:
+            time.sleep(self.seconds)
+        return x
+
+
 class _CutInput(nn.Module):
     """A layer that detaches its input: the stage's input gets no gradient."""
 
@@ -53,13 +69,19 @@ def _refusals(mesh, world):
     kw = dict(mesh=mesh, schedule=OneFOneB(world, world), loss_fn=nn.functional.mse_loss,
               num_microbatches=world, timeout=60)
     refused = outcome(lambda: PipelineRunner(stage, **kw))
+    # hand-written lists of the same name and sizes that differ: every rank refuses
+    from tandem.pipeline import CustomSchedule, GPipe, lower
+
+    mine = CustomSchedule(lower(GPipe(world, world) if mesh.pp_rank == 0 else OneFOneB(world, world)))
+    kw_custom = dict(kw, schedule=mine)
+    differ = outcome(lambda: PipelineRunner(split(_layers(world), world, balance="uniform"), **kw_custom))
     layers = _layers(world)
     layers[1] = _CutInput()
     runner = PipelineRunner(split(layers, world, balance="uniform"), **kw)
     x, y = _batch(2 * world)
     cut = outcome(lambda: runner.step(x if mesh.pp_rank == 0 else None, y if mesh.pp_rank == bad else None))
     again = outcome(lambda: runner.step(x if mesh.pp_rank == 0 else None, y if mesh.pp_rank == bad else None))
-    return refused, cut, again
+    return refused, cut, again, differ
 
 
 def _tp_peer_failure():
@@ -70,13 +92,20 @@ def _tp_peer_failure():
     from tandem.nn import ParallelMLP
     from tandem.pipeline import GPipe, PipelineRunner, split
 
-    mesh = tandem.init_mesh(tp=2)
-    torch.manual_seed(0)
-    layers = [_Boom() if mesh.tp_rank == 0 else nn.Identity(), ParallelMLP(H, 2 * H, mesh=mesh)]
-    runner = PipelineRunner(split(layers, 1, stage=0), mesh=mesh, schedule=GPipe(1, 2),
-                            loss_fn=nn.functional.mse_loss, num_microbatches=2, timeout=60)
-    x, y = _batch(4)
-    return outcome(lambda: runner.step(x, y))
+    def run(first_layer, timeout):
+        mesh = tandem.init_mesh(tp=2)
+        torch.manual_seed(0)
+        layers = [first_layer if mesh.tp_rank == 0 else nn.Identity(), ParallelMLP(H, 2 * H, mesh=mesh)]
+        runner = PipelineRunner(split(layers, 1, stage=0), mesh=mesh, schedule=GPipe(1, 2),
+                                loss_fn=nn.functional.mse_loss, num_microbatches=2, timeout=timeout)
+        x, y = _batch(4)
+        failed = outcome(lambda: runner.step(x, y))
+        later = outcome(lambda: PipelineRunner(split(layers, 1, stage=0), mesh=mesh, schedule=GPipe(1, 2),
+                                               loss_fn=nn.functional.mse_loss, num_microbatches=2))
+        return failed, later
+
+    # then a peer that is only late: the waiting rank gives up at the runner's timeout (2 s)
+    return run(_Boom(), 60), run(_Sleepy(4.0), 2)
 
 
 def _tied_accumulation(mesh, world):
@@ -209,8 +238,12 @@ def _check_schedules(rank, world, tmp):
     else:
         assert out is None
     _dynamic_shapes(mesh, world)
-    return (report, _failing_stage(mesh, world), _shape_change(mesh, world), _refusals(mesh, world),
-            _tied_accumulation(mesh, world), _tp_peer_failure() if world == 2 else None)
+
+    def fresh():  # a failed call aborts its mesh's communicators: each failure case gets its own
+        return tandem.init_mesh(pp=world)
+
+    return (report, _failing_stage(fresh(), world), _shape_change(fresh(), world), _refusals(fresh(), world),
+            _tied_accumulation(fresh(), world), _tp_peer_failure() if world == 2 else None)
 
 
 def _dynamic_shapes(mesh, world):
@@ -275,7 +308,9 @@ def test_every_schedule_matches_single_process(world, tmp_path):
         assert "does not match the static shape agreed on first use, float32[2, 8]" in message, (rank, message)
         assert "float32[4, 8]" in message and seconds < 30, (rank, message, seconds)
     bad = world - 1
-    for rank, (refused, cut, again) in enumerate(r[3] for r in results):
+    for rank, (refused, cut, again, differ) in enumerate(r[3] for r in results):
+        assert differ[0] == "PipelineError" and "called PipelineRunner with different schedule" in differ[1], \
+            (rank, differ)
         kind, message, seconds = refused
         assert kind == ("ValueError" if rank == bad else "PipelineError"), (rank, refused)
         assert f"pipeline rank {bad} runs stage {bad} of {world}, but was given stage 0" in message, (rank, refused)
@@ -290,9 +325,13 @@ def test_every_schedule_matches_single_process(world, tmp_path):
     assert all(tied == [[], []] for tied in ends[1:-1])
     assert torch.equal(first1, last1) and torch.equal(first2, last2)  # both ends: the same bits
     torch.testing.assert_close(first2, 2 * first1)  # accumulated, not summed twice
-    for rank, tp_failure in enumerate(r[5] for r in results if world == 2):
-        kind, message, seconds = tp_failure
-        assert kind == "PipelineError" and "boom in a layer" in message and seconds < 10, (rank, tp_failure)
+    for rank, (boom, late) in enumerate(r[5] for r in results if world == 2):
+        (kind, message, seconds), later = boom
+        assert kind == "PipelineError" and "boom in a layer" in message and seconds < 10, (rank, boom)
+        # the failed call aborted the mesh's communicators: a new runner on it is refused
+        assert later[0] == "RuntimeError" and "communicators were aborted" in later[1], (rank, later)
+        (kind, message, seconds), _ = late
+        assert kind == "PipelineError" and "timed out after 2 s" in message and seconds < 10, (rank, late)
     trace = json.load(open(tmp_path / "trace0.json"))
     names = {e["name"] for e in trace["traceEvents"]}
     assert "0F0" in names and all(e["ph"] == "X" and e["dur"] >= 0 for e in trace["traceEvents"])
@@ -305,10 +344,15 @@ def test_layouts_without_one_neighbour_per_side_are_refused():
     assert _neighbours(StageLayout.looped(4, 2), 0) == (3, 1)  # interleaved: a ring
     assert _neighbours(StageLayout.looped(4), 0) == (None, 1)
     assert _neighbours(StageLayout.looped(4), 3) == (2, None)
+    assert _neighbours(StageLayout((0, 1, 1, 0)), 0) == (1, 1)  # a V over 2 ranks: both neighbours are 1
     v_shape = StageLayout((0, 1, 2, 3, 3, 2, 1, 0))
-    assert _neighbours(v_shape, 0) == (1, 1)
     with pytest.raises(ValueError, match=r"pipeline rank 1 exchanges activations with ranks \[0, 2\]"):
         _neighbours(v_shape, 1)
+    with pytest.raises(ValueError, match=r"rank 0 exchanges activations with ranks \[1\] \(before it\) and "
+                                         r"\[1\] \(after it\); the runtime needs them from rank 3 and to rank 1"):
+        _neighbours(v_shape, 0)
+    with pytest.raises(ValueError, match=r"rank 2 exchanges activations with ranks \[0\] \(before it\) and \[1\]"):
+        _neighbours(StageLayout((0, 2, 1, 3)), 2)  # permuted: its two edges would share a fork
 
 
 def test_board_keys_are_per_mesh_and_call():

@@ -122,20 +122,32 @@ StageLink::StageLink(comm::CommunicatorPtr comm, std::optional<int> prev, std::o
 // NCCL connects a pair of ranks on a communicator at their first send/recv there, and the
 // host waits for that: an early-posted first receive would wait for the peer's first send.
 // So every fork's edges are used once here, while every rank is building its link: one
-// 1-element message each way of each edge, fork by fork in one order on every rank (a
-// fork's edges are disjoint pairs of ranks, so nobody waits on a peer that is elsewhere).
-// Both ends wait for them: nothing of it is left to match later messages.
+// 1-element message each way of each edge, fork by fork in one order on every rank (along a
+// chain or ring of rank +-1 steps a fork's edges are disjoint pairs of ranks, so nobody
+// waits on a peer that is elsewhere). Both ends wait for them (on the host, reading the
+// error board): nothing of it is left to match later messages.
 void StageLink::connect() {
   const auto opts = at::TensorOptions().dtype(at::kFloat).device(device_);
   const std::vector<std::pair<Direction*, Direction*>> uses = {{&send_fwd_, &recv_fwd_}, {&send_bwd_, &recv_bwd_}};
+  const auto deadline = deadline_after(timeout_s_);
   for (const auto& [send, recv] : uses) {
     const auto& forks = send == &send_fwd_ ? fwd_ : bwd_;
     for (const auto& fork : forks) {
       std::vector<comm::P2POp> ops;
-      if (recv->peer && recv->comm == fork) ops.push_back({comm::P2PKind::kRecv, at::empty({1}, opts), *recv->peer});
-      if (send->peer && send->comm == fork) ops.push_back({comm::P2PKind::kSend, at::zeros({1}, opts), *send->peer});
+      std::vector<Direction*> dirs;
+      if (recv->peer && recv->comm == fork) {
+        ops.push_back({comm::P2PKind::kRecv, at::empty({1}, opts), *recv->peer});
+        dirs.push_back(recv);
+      }
+      if (send->peer && send->comm == fork) {
+        ops.push_back({comm::P2PKind::kSend, at::zeros({1}, opts), *send->peer});
+        dirs.push_back(send);
+      }
       if (ops.empty()) continue;
-      for (auto& work : fork->batch_p2p(ops)) work->synchronize(timeout_s_);  // [1] -> [1], per edge
+      auto works = guarded(describe(*dirs.front()) + ": connecting", [&] { return fork->batch_p2p(ops); });
+      for (size_t i = 0; i < works.size(); ++i)  // [1] -> [1], per edge
+        await(*works[i], describe(*dirs[i]) + ": connecting (does the peer build its StageLink?)", timeout_s_,
+              deadline, /*host=*/true);
     }
   }
 }

@@ -41,6 +41,7 @@ class Mesh:
     _comms: dict = field(default_factory=dict, repr=False)
     _serial: Optional[int] = field(default=None, repr=False)  # set by init_mesh
     _counts: dict = field(default_factory=dict, repr=False)
+    _aborted: Optional[str] = field(default=None, repr=False)  # why the communicators were aborted
 
     @classmethod
     def single(cls, device="cpu") -> "Mesh":
@@ -83,7 +84,19 @@ class Mesh:
         replica = f"/dp{self.dp_rank}" if per_replica else ""
         return f"tandem/{what}/{scope}{replica}/{n}"
 
+    def abort(self, reason: str) -> None:
+        """Abort the mesh's communicators (local: no peer waits), e.g. after a failed
+        pipeline call left operations posted on them; using them later raises, naming
+        ``reason``. A new mesh (``init_mesh``) has new process groups and communicators."""
+        if self._aborted is None:
+            self._aborted = reason
+        for comm in self._comms.values():
+            comm.abort()
+
     def _comm(self, name: str):
+        if self._aborted is not None:
+            raise RuntimeError(f"tandem: the mesh's communicators were aborted after a failure "
+                               f"({self._aborted}); build a new mesh with tandem.init_mesh to go on")
         if name not in self._comms:
             from tandem.comm import Communicator
 

@@ -55,8 +55,11 @@ class StageLink:
     ``prev_rank`` / ``next_rank`` are ranks in ``comm``'s group (None at the first / last
     stage). Construction is collective: every rank of the group builds its StageLink, in the
     same order (each forks ``comm`` twice: forward and backward traffic get their own NCCL
-    communicator and stream, or their own gloo tag, so a pending recv in one direction never
-    blocks a send in the other; at pp=2 both directions can be in flight at once).
+    communicators and streams, or their own gloo tags, so a pending recv in one direction
+    never blocks a send in the other; at pp=2 both directions can be in flight at once), and
+    returns once its neighbours built theirs: one small message each way of each edge sets
+    the connections up (NCCL connects a pair at its first send/recv, which would otherwise
+    hold the first early-posted receive until the peer's first send).
 
     ``shapes="static"``: shape and dtype are agreed on the first message of each direction
     (a header travels once), receive buffers are preallocated and reused once the caller

@@ -72,15 +72,16 @@ def _build_schedule(schedule, pp: int, m: int) -> Schedule:
 
 
 def _neighbours(layout, rank: int) -> tuple[Optional[int], Optional[int]]:
-    """The ranks this rank receives activations from and sends them to (None: none)."""
-    mine = layout.stages_of(rank)
+    """The ranks this rank receives activations from and sends them to (None: none): rank
+    - 1 and rank + 1 (mod pp), the chain or ring that StageLink's forks are laid out for."""
+    mine, pp = layout.stages_of(rank), layout.num_ranks
     prevs = {layout.rank_of(s - 1) for s in mine if s > 0} - {rank}
     nexts = {layout.rank_of(s + 1) for s in mine if s + 1 < layout.num_stages} - {rank}
-    if len(prevs) > 1 or len(nexts) > 1:
+    if len(prevs) > 1 or len(nexts) > 1 or prevs - {(rank - 1) % pp} or nexts - {(rank + 1) % pp}:
         raise ValueError(f"PipelineRunner: pipeline rank {rank} exchanges activations with ranks "
                          f"{sorted(prevs)} (before it) and {sorted(nexts)} (after it); the runtime "
-                         "needs one previous and one next rank per pipeline rank, as looped "
-                         "layouts have (stage s on rank s % pp)")
+                         f"needs them from rank {(rank - 1) % pp} and to rank {(rank + 1) % pp} at "
+                         "most, as looped layouts have (stage s on rank s % pp)")
     return next(iter(prevs), None), next(iter(nexts), None)
 
 
@@ -132,7 +133,8 @@ class PipelineRunner:
         try:
             modules = self._configure(stage_module, schedule, loss_fn, num_microbatches, shapes, timeout,
                                       dp_bucket_bytes)
-            given = (num_microbatches, repr(self.schedule), shapes, float(timeout))
+            lists = ";".join(" ".join(map(str, lst)) for _, lst in sorted(self._all_lowered.items()))
+            given = (num_microbatches, f"{self.schedule!r}: {lists}", shapes, float(timeout))
             settings = {name: (setting(v), repr(v)) for name, v in zip(names, given)}
             agree_timeout = timeout
         except (ValueError, TypeError) as e:
@@ -142,8 +144,11 @@ class PipelineRunner:
         mine = self.layout.stages_of(self.rank)
         if self.mesh.pp > 1:  # collective over the pp group: every pipeline rank builds its link here
             prev_rank, next_rank = _neighbours(self.layout, self.rank)
-            self.p2p = StageTraffic(self.mesh.pp_comm, prev_rank, next_rank, board=self.board,
-                                    timeout=timeout, shapes=shapes, who=self.who)
+            try:
+                self.p2p = StageTraffic(self.mesh.pp_comm, prev_rank, next_rank, board=self.board,
+                                        timeout=timeout, shapes=shapes, who=self.who)
+            except RuntimeError as e:
+                self._fail(f"{self.who}: building the StageLink failed: {e}", e)
         self.stages = {s: StageExec(s, mod, self) for s, mod in zip(mine, modules)}
         if self.mesh.dp > 1:  # dp all-reduce of each stage's buckets during its last backward
             from tandem.dp import OverlappedGradReducer
@@ -196,7 +201,8 @@ class PipelineRunner:
                                  f"{getattr(mod, 'num_stages', '?')}")
         if pp > 1:
             _neighbours(self.layout, rank)  # a layout the runtime cannot run: refused here
-        self.lowered = lower(self.schedule)[rank]
+        self._all_lowered = lower(self.schedule)  # every rank's list: what the ranks agree on
+        self.lowered = self._all_lowered[rank]
         self.device = self.mesh.device
         return modules
 
@@ -214,7 +220,11 @@ class PipelineRunner:
         Gradients accumulate into ``param.grad`` (tied weights included) until zeroed."""
         with self._failing_every_rank():
             kept = self._set_aside_tied_grads()
-            self._run(inputs, targets, train=True)
+            try:
+                self._run(inputs, targets, train=True)
+            except BaseException:
+                self._restore_tied_grads(kept)  # what was accumulated before the failed step
+                raise
             self._sum_tied_grads(kept)
             self._all_reduce_dp()
             loss = self._share_loss()
@@ -251,11 +261,12 @@ class PipelineRunner:
     @contextlib.contextmanager
     def _failing_every_rank(self):
         """A call of this runner: refused once closed. Its host waits for collectives (TP
-        inside a stage, DP) also end when a peer posted a failure, and after ``timeout``. A
-        PipelineError from it, whatever raised it (a stage, a wait, a peer's failure), is
-        posted for every rank (the board keeps the first) and aborts this rank's link, so
-        that nothing of it still runs or waits (NCCL: its kernels end); the runner refuses
-        later calls with that error."""
+        inside a stage, DP) also end when a peer posted a failure, and after ``timeout``.
+        Whatever fails in it (a stage, a wait, a peer's failure) is posted for every rank
+        (the board keeps the first) and raised as a PipelineError; this rank's link and the
+        mesh's communicators are aborted, since operations of the failed call may still be
+        posted on them (later calls on them raise instead of matching those); the runner
+        refuses later calls with that error."""
         from tandem import _C
 
         if self._closed:
@@ -263,10 +274,19 @@ class PipelineRunner:
         try:
             with _C._WaitWatch(self.board._impl, float(self.timeout)):
                 yield
-        except PipelineError as e:
-            self.board.post(str(e))
+        except BaseException as e:
+            if isinstance(e, PipelineError):
+                message = str(e)
+            elif isinstance(e, Exception):
+                message = f"{self.who}: {type(e).__name__}: {e}"
+            else:  # KeyboardInterrupt, SystemExit: its peers stop too, then it goes on as it is
+                message = f"{self.who}: stopped by {type(e).__name__}"
+            self.board.post(message)
             if self.p2p is not None:
                 self.p2p.link.abort()
+            self.mesh.abort(message)
+            if isinstance(e, Exception) and not isinstance(e, PipelineError):
+                raise PipelineError(message) from e
             raise
 
     def _run(self, inputs, targets, *, train: bool) -> None:
@@ -424,6 +444,10 @@ class PipelineRunner:
             kept.append(param.grad)
             param.grad = None
         return kept
+
+    def _restore_tied_grads(self, kept: list) -> None:
+        for (*_, param), before in zip(self._tied(), kept):
+            param.grad = before
 
     def _sum_tied_grads(self, kept: list) -> None:
         """Sum each tied weight's gradient of this step with the other end's, then add what
