@@ -153,6 +153,17 @@ def _worker(rank, world):
     out["timeout"] = outcome(lambda: generate(stage, prompt, 6, mesh=mesh, timeout=-1.0 if bad else 60))
     assert torch.equal(generate(stage, prompt, 6, mesh=mesh), want), "decoding after refused calls"
     out["bad"] = bad
+    # a failure while decoding (the streaming callback of one tp rank of the last stage raises
+    # at step 2; its tp peer waits in the next argmax all-reduce): every rank stops with it at
+    # once, and the mesh, whose communicators may hold the call's collectives, refuses later use
+
+    def on_token(rows, tokens, calls=[]):  # noqa: B006 (counts this call's tokens)
+        calls.append(rows)
+        if mesh.tp_rank == 0 and len(calls) == 2 * 2 + 1:  # two groups per step: step 2, group 0
+            raise RuntimeError("the client went away")
+
+    out["decode_failure"] = outcome(lambda: generate(stage, prompt, 6, mesh=mesh, timeout=60, on_token=on_token))
+    out["after_failure"] = outcome(lambda: generate(stage, prompt, 6, mesh=mesh, timeout=60))
 
     # --- dp=2 x pp=2: interleaved 1F1B with two stages per rank, and ZB-H1 (deferred W) ------
     # small buckets: most start their dp all-reduce during the stage's last backward
@@ -203,4 +214,8 @@ def test_gpt_3d_training_and_generation():
         kind, message, seconds = r["seed"]
         assert kind == "PipelineError" and seconds < 30, (rank, message)
         assert "with different seed (this rank: seed=" in message, (rank, message)
+        kind, message, seconds = r["decode_failure"]
+        assert kind == "PipelineError" and "the client went away" in message and seconds < 30, (rank, message)
+        kind, message, _ = r["after_failure"]
+        assert kind == "RuntimeError" and "communicators were aborted" in message, (rank, message)
     assert sum(r["bad"] for r in results) == 1

@@ -166,65 +166,83 @@ def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temp
     except Exception as e:  # bad arguments, or a stage that cannot decode: every rank hears of it
         refusal = e
     agree(mesh, ("pp", "tp"), check_board, refusal, settings, agree_timeout, who, "generate")  # raises on any refusal
-    batch, s0 = prompt.shape
-    first, last = rank == 0, rank == pp - 1
-    device = mesh.device
     # then the ring: from here on a failure is posted on its board, so every rank stops
     link, board = _ring(mesh, timeout, who) if pp > 1 else (None, check_board)
     tokens: dict = {}  # (t, i) -> [b_i] next tokens, when pp == 1
+    from tandem import _C
+
     try:
-        prompt = prompt.to(device=device, dtype=torch.int64)
-        out = torch.zeros(batch, s0 + max_new_tokens, dtype=torch.int64, device=device)
-        out[:, :s0] = prompt
-        for t in range(max_new_tokens):
-            offset = 0 if t == 0 else s0 + t - 1
-            if link is not None and not first:  # post this step's receives early
-                for i, r in enumerate(rows):
-                    link.post_recv(("h", t, i), forward=True, what=f"hidden states of group {i}, step {t}")
-            noise = _gumbel(seed, t, batch, _vocab(stage_module), device) if last and temperature > 0 else None
-            for i, r in enumerate(rows):
-                if first:
-                    if t == 0:
-                        x = prompt[r]
-                    elif link is None:
-                        x = tokens.pop((t - 1, i))[:, None]
-                    else:
-                        x = link.take(("tok", t - 1, i))[:, None]
-                else:
-                    x = link.take(("h", t, i))
-                y = st.run(x, i, offset)
-                if not last:
-                    link.send(y, forward=True, what=f"hidden states of group {i}, step {t}")
-                    if first and t + 1 < max_new_tokens:
-                        link.post_recv(("tok", t, i), forward=True, what=f"tokens of group {i}, step {t}")
-                    continue
-                scores = y[:, -1].float()  # (b_i, V/tp): the last position
-                if noise is not None:
-                    cols = scores.shape[-1]
-                    start = (st.tp.rank if st.tp is not None else 0) * cols
-                    scores = scores / temperature + noise[r, start:start + cols]
-                tok = sharded_argmax(scores, st.tp.comm if st.tp is not None else None,
-                                     st.tp.rank if st.tp is not None else 0)
-                out[r, s0 + t] = tok
-                if on_token is not None:
-                    on_token(r, tok)
-                if t + 1 < max_new_tokens:
-                    if link is None:
-                        tokens[(t, i)] = tok
-                    elif not first:
-                        link.send(tok, forward=True, what=f"tokens of group {i}, step {t}")
-        if link is not None:
-            link.finish()
-            # every rank returns the tokens: the last stage has them all, the others add zeros
-            if not last:
-                out.zero_()
-            wait(mesh.pp_comm.all_reduce(out), f"{who}: output all-reduce", board, timeout)
-    except PipelineError:
-        raise
-    except Exception as e:
-        message = f"stage {rank} ({who}) failed in generate: {type(e).__name__}: {e}"
+        with _C._WaitWatch(board._impl, float(timeout)):  # TP waits, too, stop on a posted failure
+            return _decode(stage_module, st, rows, prompt, max_new_tokens, mesh, temperature, seed, timeout,
+                           on_token, link, board, tokens, who)
+    except BaseException as e:
+        # operations of this call may still be posted on the mesh's communicators: abort them
+        # (later calls on them raise, saying so), after telling every rank
+        if isinstance(e, PipelineError):
+            message = str(e)
+        else:
+            message = f"stage {rank} ({who}) failed in generate: {type(e).__name__}: {e}"
         board.post(message)
-        raise PipelineError(message) from e
+        mesh.abort(message)
+        if isinstance(e, Exception) and not isinstance(e, PipelineError):
+            raise PipelineError(message) from e
+        raise
+
+
+def _decode(stage_module, st, rows, prompt, max_new_tokens, mesh, temperature, seed, timeout, on_token,
+            link, board, tokens, who) -> Tensor:
+    """The decoding loop, once the ranks agreed: ``max_new_tokens`` steps of every request
+    group through this rank's stage; every rank returns the tokens [B, s0 + max_new_tokens]."""
+    pp, rank = mesh.pp, mesh.pp_rank
+    batch, s0 = prompt.shape
+    first, last = rank == 0, rank == pp - 1
+    device = mesh.device
+    prompt = prompt.to(device=device, dtype=torch.int64)
+    out = torch.zeros(batch, s0 + max_new_tokens, dtype=torch.int64, device=device)
+    out[:, :s0] = prompt
+    for t in range(max_new_tokens):
+        offset = 0 if t == 0 else s0 + t - 1
+        if link is not None and not first:  # post this step's receives early
+            for i, r in enumerate(rows):
+                link.post_recv(("h", t, i), forward=True, what=f"hidden states of group {i}, step {t}")
+        noise = _gumbel(seed, t, batch, _vocab(stage_module), device) if last and temperature > 0 else None
+        for i, r in enumerate(rows):
+            if first:
+                if t == 0:
+                    x = prompt[r]
+                elif link is None:
+                    x = tokens.pop((t - 1, i))[:, None]
+                else:
+                    x = link.take(("tok", t - 1, i))[:, None]
+            else:
+                x = link.take(("h", t, i))
+            y = st.run(x, i, offset)
+            if not last:
+                link.send(y, forward=True, what=f"hidden states of group {i}, step {t}")
+                if first and t + 1 < max_new_tokens:
+                    link.post_recv(("tok", t, i), forward=True, what=f"tokens of group {i}, step {t}")
+                continue
+            scores = y[:, -1].float()  # (b_i, V/tp): the last position
+            if noise is not None:
+                cols = scores.shape[-1]
+                start = (st.tp.rank if st.tp is not None else 0) * cols
+                scores = scores / temperature + noise[r, start:start + cols]
+            tok = sharded_argmax(scores, st.tp.comm if st.tp is not None else None,
+                                 st.tp.rank if st.tp is not None else 0)
+            out[r, s0 + t] = tok
+            if on_token is not None:
+                on_token(r, tok)
+            if t + 1 < max_new_tokens:
+                if link is None:
+                    tokens[(t, i)] = tok
+                elif not first:
+                    link.send(tok, forward=True, what=f"tokens of group {i}, step {t}")
+    if link is not None:
+        link.finish()
+        # every rank returns the tokens: the last stage has them all, the others add zeros
+        if not last:
+            out.zero_()
+        wait(mesh.pp_comm.all_reduce(out), f"{who}: output all-reduce", board, timeout)
     return out
 
 
@@ -233,21 +251,36 @@ def _ring(mesh, timeout: float, who: str):
     over the group: every pipeline rank calls generate) and kept on the mesh: hidden states go
     to the next rank, the last rank's tokens wrap around to rank 0."""
     cached = mesh._comms.get("generate_ring")
-    if cached is not None and cached[0] == timeout:
-        return cached[1], cached[2]
+    if cached is not None and cached.timeout == timeout:
+        return cached.link, cached.board
     _drop_ring(mesh)
     rank, pp = mesh.pp_rank, mesh.pp
     board = ErrorBoard(mesh.board_key("generate-ring", per_replica=True))
-    link = StageTraffic(mesh.pp_comm, (rank - 1) % pp, (rank + 1) % pp, board=board, timeout=timeout,
-                        shapes="dynamic", who=who)
-    mesh._comms["generate_ring"] = (timeout, link, board)
+    try:
+        link = StageTraffic(mesh.pp_comm, (rank - 1) % pp, (rank + 1) % pp, board=board, timeout=timeout,
+                            shapes="dynamic", who=who)
+    except RuntimeError as e:  # the peers wait for this rank's end of the ring: tell them
+        message = f"{who}: building generate's StageLink ring failed: {e}"
+        board.post(message)
+        raise PipelineError(message) from e
+    mesh._comms["generate_ring"] = _Ring(timeout, link, board)
     return link, board
+
+
+class _Ring:
+    """generate's ring, kept on the mesh between calls (aborted with the mesh)."""
+
+    def __init__(self, timeout: float, link: StageTraffic, board: ErrorBoard):
+        self.timeout, self.link, self.board = timeout, link, board
+
+    def abort(self) -> None:
+        self.link.link.abort()
 
 
 def _drop_ring(mesh) -> None:
     cached = mesh._comms.pop("generate_ring", None)
     if cached is not None:
-        cached[1].link.abort()
+        cached.abort()
 
 
 def _vocab(module: nn.Module) -> int:
