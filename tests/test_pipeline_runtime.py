@@ -84,6 +84,22 @@ def _refusals(mesh, world):
     return refused, cut, again, differ
 
 
+def _aborted_elsewhere(mesh, world):
+    """The last rank aborts the mesh (a failure of its own that the others finished before
+    seeing) a second after the others started building a runner on it: their agreement,
+    waiting for that rank, stops at once with its reason instead of at the timeout."""
+    import time
+
+    from tandem.pipeline import OneFOneB, PipelineRunner, split
+
+    if mesh.pp_rank == world - 1:
+        time.sleep(1.0)
+        mesh.abort(f"pipeline rank {world - 1}: a failure the others missed")
+    return outcome(lambda: PipelineRunner(split(_layers(world), world, balance="uniform"), mesh=mesh,
+                                          schedule=OneFOneB(world, world), loss_fn=nn.functional.mse_loss,
+                                          num_microbatches=world, timeout=60))
+
+
 def _tp_peer_failure():
     """tp=2 inside one stage: a layer raises on tp rank 0 in microbatch 1, before that
     microbatch's TP all-reduce; tp rank 1, waiting in it, stops with that message at once
@@ -243,7 +259,8 @@ def _check_schedules(rank, world, tmp):
         return tandem.init_mesh(pp=world)
 
     return (report, _failing_stage(fresh(), world), _shape_change(fresh(), world), _refusals(fresh(), world),
-            _tied_accumulation(fresh(), world), _tp_peer_failure() if world == 2 else None)
+            _tied_accumulation(fresh(), world), _tp_peer_failure() if world == 2 else None,
+            _aborted_elsewhere(fresh(), world))
 
 
 def _dynamic_shapes(mesh, world):
@@ -325,6 +342,9 @@ def test_every_schedule_matches_single_process(world, tmp_path):
     assert all(tied == [[], []] for tied in ends[1:-1])
     assert torch.equal(first1, last1) and torch.equal(first2, last2)  # both ends: the same bits
     torch.testing.assert_close(first2, 2 * first1)  # accumulated, not summed twice
+    for rank, (kind, message, seconds) in enumerate(r[6] for r in results):
+        assert kind == "RuntimeError" and "a failure the others missed" in message, (rank, message)
+        assert seconds < 10, (rank, message, seconds)
     for rank, (boom, late) in enumerate(r[5] for r in results if world == 2):
         (kind, message, seconds), later = boom
         assert kind == "PipelineError" and "boom in a layer" in message and seconds < 10, (rank, boom)
@@ -395,8 +415,8 @@ def test_generate_refuses_bad_arguments_in_one_process():
 
 
 def test_generate_agreement_that_times_out_aborts_the_communicator():
-    """A peer that never joins the agreement: PipelineError naming the wait, and the
-    communicator whose collectives are now out of step is aborted."""
+    """A peer that never joins the agreement: PipelineError naming the wait, and the mesh,
+    whose collectives are now out of step, is aborted (later use says so)."""
     from tandem.mesh import Mesh
     from tandem.pipeline import PipelineError
     from tandem.pipeline._transport import ErrorBoard
@@ -419,10 +439,12 @@ def test_generate_agreement_that_times_out_aborts_the_communicator():
     mesh = Mesh(tp=1, pp=2, dp=1, rank=0, device=torch.device("cpu"))
     mesh._comms["pp"] = comm
     with pytest.raises(PipelineError, match="generate's argument check over pp: no answer within 0.5 s .*"
-                                            "the mesh's pp communicator was aborted"):
+                                            "the mesh's communicators were aborted"):
         agree(mesh, ("pp", "tp"), ErrorBoard("tandem/test/agree"), None, {"seed": (1, "1")}, 0.5,
               "pipeline rank 0", "generate")
     assert comm.aborted
+    with pytest.raises(RuntimeError, match="communicators were aborted after a failure .*no answer within"):
+        mesh.pp_comm
 
 
 def test_tied_gradients_accumulate_with_both_ends_on_one_rank():

@@ -86,17 +86,51 @@ class Mesh:
 
     def abort(self, reason: str) -> None:
         """Abort the mesh's communicators (local: no peer waits), e.g. after a failed
-        pipeline call left operations posted on them; using them later raises, naming
-        ``reason``. A new mesh (``init_mesh``) has new process groups and communicators."""
-        if self._aborted is None:
+        pipeline call left operations posted on them, and mark the mesh aborted in the job's
+        store, so that the other ranks' next agreement on it (PipelineRunner, generate)
+        stops at once instead of waiting for this rank. Using its communicators later
+        raises, naming ``reason``."""
+        first = self._aborted is None
+        if first:
             self._aborted = reason
         for comm in self._comms.values():
             comm.abort()
+        key, store = self._abort_key(), _store()
+        if first and key is not None and store is not None:
+            try:  # the first reason stays; best effort: every rank fails on its own anyway
+                store.compare_set(key, "", reason)
+            except Exception:  # noqa: BLE001 (an unreachable store changes nothing here)
+                pass
 
-    def _comm(self, name: str):
+    def raise_if_aborted(self) -> None:
+        """Raise when this rank aborted the mesh (local, no store read)."""
         if self._aborted is not None:
             raise RuntimeError(f"tandem: the mesh's communicators were aborted after a failure "
-                               f"({self._aborted}); build a new mesh with tandem.init_mesh to go on")
+                               f"({self._aborted}); build a new mesh with tandem.init_mesh, and the "
+                               "modules, stages and loss function on it, to go on")
+
+    def check_aborted(self) -> None:
+        """Raise when the mesh was aborted on this rank or, by the job's store, on another
+        one (then abort it here too): one store read."""
+        key, store = self._abort_key(), _store()
+        if self._aborted is None and key is not None and store is not None:
+            try:
+                reason = store.get(key).decode() if store.check([key]) else ""
+            except Exception:  # noqa: BLE001 (an unreachable store: waits still end at their timeouts)
+                reason = ""
+            if reason:
+                self.abort(f"on another rank: {reason}")
+        self.raise_if_aborted()
+
+    def _abort_key(self) -> Optional[str]:
+        if self._serial is not None:
+            return f"tandem/aborted/mesh{self._serial}"
+        if self.pp_group is not None:
+            return f"tandem/aborted/pp-{self.pp_group.group_name}"
+        return None
+
+    def _comm(self, name: str):
+        self.raise_if_aborted()
         if name not in self._comms:
             from tandem.comm import Communicator
 
@@ -146,6 +180,16 @@ def _new_groups(mesh: Mesh, backend: Optional[str]) -> None:
             group = dist.new_group(ranks, backend=backend)
             if mesh.rank in ranks:
                 setattr(mesh, f"{name}_group", group)
+
+
+def _store():
+    """The job's torch.distributed store, or None (a single process without one)."""
+    try:
+        from torch.distributed import distributed_c10d as c10d
+
+        return c10d._get_default_store() if dist.is_initialized() else None
+    except (RuntimeError, AttributeError, ValueError):
+        return None
 
 
 def init_mesh(tp: int = 1, pp: int = 1, dp: Optional[int] = None, *, backend: Optional[str] = None,

@@ -10,6 +10,7 @@ others a PipelineError with its message (posted on the error board first).
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -20,6 +21,7 @@ from tandem.pipeline._transport import ErrorBoard, PipelineError
 __all__ = ["AGREE_TIMEOUT_S", "agree", "setting"]
 
 AGREE_TIMEOUT_S = 300.0  # for the agreement when the caller's timeout is itself refused
+_POLL_S = 0.05  # how often a waiting agreement looks for an aborted mesh in the store
 
 
 def setting(value) -> int:
@@ -41,7 +43,10 @@ def agree(mesh, dims: Sequence[str], board: ErrorBoard, refusal: Optional[BaseEx
     ("pp", "tp", "dp", reduced in that order) learns whether one of them refused its call
     of ``what`` (its message is on ``board``), or whether they called it with different
     settings (``{name: (int64 stand-in, shown value)}``). The waits here do not stop early
-    on the board: every rank joins every all-reduce."""
+    on the board: every rank joins every all-reduce. They stop when the mesh was aborted
+    (a failed call on another rank, marked in the job's store: that rank never joins), and
+    at ``timeout``, aborting the mesh."""
+    mesh.check_aborted()
     # [refused, x1, -x1, x2, -x2, ...] maxed: every x agrees iff max(x) == -max(-x)
     flags = torch.tensor([int(refusal is not None)] + [v for x, _ in settings.values() for v in (x, -x)],
                          dtype=torch.int64, device=mesh.device)
@@ -51,11 +56,15 @@ def agree(mesh, dims: Sequence[str], board: ErrorBoard, refusal: Optional[BaseEx
         if getattr(mesh, name) > 1:
             comm = getattr(mesh, f"{name}_comm")
             work = comm.all_reduce(flags, op="max")  # [1 + 2k] -> [1 + 2k] maxed over the group
-            if not work.wait_for(timeout):
-                comm.abort()  # its collectives are out of step: later calls raise instead of mixing
-                raise PipelineError(f"{who}: {what}'s argument check over {name}: no answer within "
-                                    f"{timeout:g} s (does every rank of the pipeline call {what}?); "
-                                    f"the mesh's {name} communicator was aborted")
+            deadline = time.monotonic() + timeout
+            while not work.wait_for(_POLL_S):
+                mesh.check_aborted()  # raises: a peer's mesh was aborted, it will not come
+                if time.monotonic() > deadline:
+                    message = (f"{who}: {what}'s argument check over {name}: no answer within "
+                               f"{timeout:g} s (does every rank of the pipeline call {what}?); "
+                               f"the mesh's communicators were aborted")
+                    mesh.abort(message)  # its collectives are out of step: later calls raise instead of mixing
+                    raise PipelineError(message)
             work.wait()
     if refusal is not None:
         raise refusal  # this rank's own error (ValueError, TypeError, ...); its peers raise its message

@@ -167,21 +167,25 @@ def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temp
         refusal = e
     agree(mesh, ("pp", "tp"), check_board, refusal, settings, agree_timeout, who, "generate")  # raises on any refusal
     # then the ring: from here on a failure is posted on its board, so every rank stops
-    link, board = _ring(mesh, timeout, who) if pp > 1 else (None, check_board)
-    tokens: dict = {}  # (t, i) -> [b_i] next tokens, when pp == 1
     from tandem import _C
 
+    link, board = None, check_board
+    tokens: dict = {}  # (t, i) -> [b_i] next tokens, when pp == 1
     try:
+        if pp > 1:
+            link, board = _ring(mesh, timeout, who)
         with _C._WaitWatch(board._impl, float(timeout)):  # TP waits, too, stop on a posted failure
             return _decode(stage_module, st, rows, prompt, max_new_tokens, mesh, temperature, seed, timeout,
                            on_token, link, board, tokens, who)
     except BaseException as e:
         # operations of this call may still be posted on the mesh's communicators: abort them
-        # (later calls on them raise, saying so), after telling every rank
+        # (later calls on them raise, saying so, here and, through the store, on every rank)
         if isinstance(e, PipelineError):
             message = str(e)
-        else:
+        elif isinstance(e, Exception):
             message = f"stage {rank} ({who}) failed in generate: {type(e).__name__}: {e}"
+        else:
+            message = f"stage {rank} ({who}): generate stopped by {type(e).__name__}"
         board.post(message)
         mesh.abort(message)
         if isinstance(e, Exception) and not isinstance(e, PipelineError):

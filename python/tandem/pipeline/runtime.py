@@ -135,7 +135,8 @@ class PipelineRunner:
                                       dp_bucket_bytes)
             lists = ";".join(" ".join(map(str, lst)) for _, lst in sorted(self._all_lowered.items()))
             given = (num_microbatches, f"{self.schedule!r}: {lists}", shapes, float(timeout))
-            settings = {name: (setting(v), repr(v)) for name, v in zip(names, given)}
+            shown = (num_microbatches, self.schedule, shapes, float(timeout))  # not every list
+            settings = {name: (setting(v), repr(s)) for name, v, s in zip(names, given, shown)}
             agree_timeout = timeout
         except (ValueError, TypeError) as e:
             refusal = e
@@ -222,12 +223,12 @@ class PipelineRunner:
             kept = self._set_aside_tied_grads()
             try:
                 self._run(inputs, targets, train=True)
+                self._sum_tied_grads(kept)
+                self._all_reduce_dp()
+                loss = self._share_loss()
             except BaseException:
                 self._restore_tied_grads(kept)  # what was accumulated before the failed step
                 raise
-            self._sum_tied_grads(kept)
-            self._all_reduce_dp()
-            loss = self._share_loss()
             self._end()
         return loss
 
@@ -271,10 +272,13 @@ class PipelineRunner:
 
         if self._closed:
             raise PipelineError(f"{self.who}: the runner was closed")
+        self.board.check(force=True)  # a failed runner (or a peer's failure) refuses with that error
+        self.mesh.raise_if_aborted()  # another call on this mesh failed (this runner may not know)
         try:
             with _C._WaitWatch(self.board._impl, float(self.timeout)):
                 yield
         except BaseException as e:
+            self._end()  # drop the failed call's activations and graphs
             if isinstance(e, PipelineError):
                 message = str(e)
             elif isinstance(e, Exception):
@@ -290,7 +294,6 @@ class PipelineRunner:
             raise
 
     def _run(self, inputs, targets, *, train: bool) -> None:
-        self.board.check(force=True)
         self.timeline, self._events = [], []
         m = self.num_microbatches
         try:
@@ -515,6 +518,7 @@ class PipelineRunner:
         """Release what the runner holds beyond its modules: the dp reducer's gradient hooks
         and the StageLink's communicators (aborted: local, no peer waits). Later calls raise."""
         self._closed = True
+        self._end()
         if self.reducer is not None:
             self.reducer.remove()
             self.reducer = None
