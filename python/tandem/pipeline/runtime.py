@@ -240,7 +240,7 @@ class PipelineRunner:
             self._run(inputs, None, train=False)
             last = self.stages.get(self.layout.num_stages - 1)
             out = torch.cat(last.outputs_in_order(), dim=0) if last is not None else None
-            self._share_loss()  # also a final check that no stage failed
+            self._share_loss()  # CPU: also a final check that no stage failed
             self._end()
         return out
 
@@ -473,7 +473,7 @@ class PipelineRunner:
             works = self.mesh.pp_comm.batch_p2p([("recv", theirs, peer), ("send", grad.contiguous(), peer)])
             for work in works:
                 wait(work, f"{self.who}: tied gradient {name} with rank {peer}", self.board,
-                     self.timeout)
+                     self.timeout, host=self.device.type != "cuda")  # CUDA: the stream waits
             # a + b == b + a in floating point: both ends hold the same sum
             total = grad + theirs if stage == pair[0] else theirs + grad
             param.grad = total if before is None else total + before
@@ -497,11 +497,11 @@ class PipelineRunner:
         loss = last.loss_sum() if last is not None else None
         out = torch.zeros((), dtype=torch.float32, device=self.device) if loss is None \
             else loss.detach().float().reshape(())
-        host = self.device.type != "cuda"
+        host = self.device.type != "cuda"  # CUDA: the stream waits, the host runs ahead
         if self.mesh.pp > 1:
             out = out.reshape(1).contiguous()
             wait(self.mesh.pp_comm.all_reduce(out), f"{self.who}: loss all-reduce", self.board,
-                 self.timeout, host=True)  # () summed over pp: only the last stage adds
+                 self.timeout, host=host)  # () summed over pp: only the last stage adds
             out = out.reshape(())
         if self.mesh.dp > 1:
             out = out.reshape(1).contiguous()
