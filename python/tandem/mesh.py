@@ -75,14 +75,17 @@ class Mesh:
         or call. A mesh not built by init_mesh gets its pp group's name as scope (shared only
         by the ranks of that one pipeline), or a key of its own when it has no groups."""
         n = self._counts[what] = self._counts.get(what, -1) + 1
-        if self._serial is not None:
-            scope = f"mesh{self._serial}"
-        elif self.pp_group is not None:
-            scope = f"pp-{self.pp_group.group_name}"
-        else:
-            scope = f"local-{uuid.uuid4().hex}"
+        scope = self._scope() or f"local-{uuid.uuid4().hex}"
         replica = f"/dp{self.dp_rank}" if per_replica else ""
         return f"tandem/{what}/{scope}{replica}/{n}"
+
+    def _scope(self) -> Optional[str]:
+        """The name every rank of the mesh gives it in the job's store (None: groupless)."""
+        if self._serial is not None:
+            return f"mesh{self._serial}"
+        if self.pp_group is not None:
+            return f"pp-{self.pp_group.group_name}"
+        return None
 
     def abort(self, reason: str) -> None:
         """Abort the mesh's communicators (local: no peer waits), e.g. after a failed
@@ -95,7 +98,7 @@ class Mesh:
             self._aborted = reason
         for comm in self._comms.values():
             comm.abort()
-        key, store = self._abort_key(), _store()
+        key, store = self._abort_key(), job_store()
         if first and key is not None and store is not None:
             try:  # the first reason stays; best effort: every rank fails on its own anyway
                 store.compare_set(key, "", reason)
@@ -112,7 +115,7 @@ class Mesh:
     def check_aborted(self) -> None:
         """Raise when the mesh was aborted on this rank or, by the job's store, on another
         one (then abort it here too): one store read."""
-        key, store = self._abort_key(), _store()
+        key, store = self._abort_key(), job_store()
         if self._aborted is None and key is not None and store is not None:
             try:
                 reason = store.get(key).decode() if store.check([key]) else ""
@@ -123,11 +126,8 @@ class Mesh:
         self.raise_if_aborted()
 
     def _abort_key(self) -> Optional[str]:
-        if self._serial is not None:
-            return f"tandem/aborted/mesh{self._serial}"
-        if self.pp_group is not None:
-            return f"tandem/aborted/pp-{self.pp_group.group_name}"
-        return None
+        scope = self._scope()
+        return None if scope is None else f"tandem/aborted/{scope}"
 
     def _comm(self, name: str):
         self.raise_if_aborted()
@@ -182,7 +182,7 @@ def _new_groups(mesh: Mesh, backend: Optional[str]) -> None:
                 setattr(mesh, f"{name}_group", group)
 
 
-def _store():
+def job_store():
     """The job's torch.distributed store, or None (a single process without one)."""
     try:
         from torch.distributed import distributed_c10d as c10d

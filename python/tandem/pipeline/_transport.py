@@ -15,7 +15,7 @@ from typing import Optional
 
 from torch import Tensor
 
-__all__ = ["PipelineError", "ErrorBoard", "StageTraffic", "wait"]
+__all__ = ["PipelineError", "ErrorBoard", "StageTraffic", "wait", "fail_every_rank"]
 
 _CHECK_EVERY_S = 0.02
 
@@ -31,17 +31,10 @@ class ErrorBoard:
 
     def __init__(self, key: str):
         from tandem import _C
+        from tandem.mesh import job_store
 
         self.key = key
-        self.store = None
-        try:
-            import torch.distributed as dist
-            from torch.distributed import distributed_c10d as c10d
-
-            if dist.is_initialized():
-                self.store = c10d._get_default_store()
-        except (ImportError, RuntimeError, AttributeError):  # no store: local checks only
-            self.store = None
+        self.store = job_store()  # None: local checks only
         self._impl = _C._ErrorBoard(self.store, self.key)
 
     def post(self, message: str) -> None:
@@ -56,6 +49,29 @@ class ErrorBoard:
             self._impl.check(force)
         except CommError as e:
             raise PipelineError(str(e)) from None
+
+
+def fail_every_rank(e: BaseException, who: str, board: ErrorBoard, mesh, link=None) -> BaseException:
+    """After ``e`` ended a collective call (a runner's step, generate): post its message for
+    every rank (the board keeps the first), abort ``link`` and the mesh (operations of the
+    call may still be posted on them: later calls raise instead of matching those) and
+    return what to raise: a PipelineError for any Exception, ``e`` itself otherwise
+    (KeyboardInterrupt, SystemExit). ``who`` begins the message of a non-pipeline error."""
+    if isinstance(e, PipelineError):
+        message = str(e)
+    elif isinstance(e, Exception):
+        message = f"{who}: {type(e).__name__}: {e}"
+    else:  # its peers stop too, then it goes on as it is
+        message = f"{who}: stopped by {type(e).__name__}"
+    board.post(message)
+    if link is not None:
+        link.abort()
+    mesh.abort(message)
+    if isinstance(e, Exception) and not isinstance(e, PipelineError):
+        error = PipelineError(message)
+        error.__cause__ = e
+        return error
+    return e
 
 
 def wait(work, what: str, board: ErrorBoard, timeout: float, *, host: bool = True) -> None:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from tandem.pipeline._agree import AGREE_TIMEOUT_S, agree, setting
-from tandem.pipeline._transport import ErrorBoard, PipelineError, StageTraffic, wait
+from tandem.pipeline._transport import ErrorBoard, PipelineError, StageTraffic, fail_every_rank, wait
 
 __all__ = ["generate", "sharded_argmax"]
 
@@ -119,8 +119,8 @@ def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, me
 
 
 def _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature, seed, timeout):
-    """This rank's checks and set-up: -> (request groups' rows, the stage with its caches);
-    raises ValueError / TypeError naming what is wrong."""
+    """This rank's checks and set-up: -> (request groups' rows, the stage with its caches,
+    the seed as an int); raises ValueError / TypeError naming what is wrong."""
     pp, rank = mesh.pp, mesh.pp_rank
     if not isinstance(prompt, Tensor) or prompt.dim() != 2 or prompt.dtype not in (torch.int64, torch.int32):
         raise ValueError("generate: prompt must be int token ids of shape [B, s0]")
@@ -147,7 +147,7 @@ def _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatche
     if rank == pp - 1 and temperature > 0:
         _vocab(stage_module)  # the last stage holds the head
     rows = [r.tolist() for r in torch.arange(batch).tensor_split(m)]
-    return rows, _Stage(stage_module, [len(r) for r in rows], s0 + max_new_tokens)
+    return rows, _Stage(stage_module, [len(r) for r in rows], s0 + max_new_tokens), seed
 
 
 def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature, seed, timeout,
@@ -157,9 +157,8 @@ def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temp
     names = ("prompt", "max_new_tokens", "num_microbatches", "temperature", "seed", "timeout")
     refusal, settings, agree_timeout = None, {name: (0, "") for name in names}, AGREE_TIMEOUT_S
     try:
-        rows, st = _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature,
-                                    seed, timeout)
-        seed = operator.index(seed)  # checked: an int-like
+        rows, st, seed = _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches,
+                                          temperature, seed, timeout)
         given = (prompt, max_new_tokens, len(rows), float(temperature), seed, float(timeout))
         settings = {name: (setting(v), "" if name == "prompt" else repr(v)) for name, v in zip(names, given)}
         agree_timeout = timeout
@@ -170,31 +169,21 @@ def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temp
     from tandem import _C
 
     link, board = None, check_board
-    tokens: dict = {}  # (t, i) -> [b_i] next tokens, when pp == 1
     try:
         if pp > 1:
             link, board = _ring(mesh, timeout, who)
         with _C._WaitWatch(board._impl, float(timeout)):  # TP waits, too, stop on a posted failure
             return _decode(stage_module, st, rows, prompt, max_new_tokens, mesh, temperature, seed, timeout,
-                           on_token, link, board, tokens, who)
-    except BaseException as e:
-        # operations of this call may still be posted on the mesh's communicators: abort them
-        # (later calls on them raise, saying so, here and, through the store, on every rank)
-        if isinstance(e, PipelineError):
-            message = str(e)
-        elif isinstance(e, Exception):
-            message = f"stage {rank} ({who}) failed in generate: {type(e).__name__}: {e}"
-        else:
-            message = f"stage {rank} ({who}): generate stopped by {type(e).__name__}"
-        board.post(message)
-        mesh.abort(message)
-        if isinstance(e, Exception) and not isinstance(e, PipelineError):
-            raise PipelineError(message) from e
-        raise
+                           on_token, link, board, who)
+    except BaseException as e:  # the mesh is aborted too (its ring with it): every rank hears of it
+        error = fail_every_rank(e, f"stage {rank} ({who}) failed in generate", board, mesh)
+        if error is e:
+            raise
+        raise error from e
 
 
 def _decode(stage_module, st, rows, prompt, max_new_tokens, mesh, temperature, seed, timeout, on_token,
-            link, board, tokens, who) -> Tensor:
+            link, board, who) -> Tensor:
     """The decoding loop, once the ranks agreed: ``max_new_tokens`` steps of every request
     group through this rank's stage; every rank returns the tokens [B, s0 + max_new_tokens]."""
     pp, rank = mesh.pp, mesh.pp_rank
@@ -204,12 +193,14 @@ def _decode(stage_module, st, rows, prompt, max_new_tokens, mesh, temperature, s
     prompt = prompt.to(device=device, dtype=torch.int64)
     out = torch.zeros(batch, s0 + max_new_tokens, dtype=torch.int64, device=device)
     out[:, :s0] = prompt
+    tokens: dict = {}  # (t, i) -> [b_i] next tokens, when pp == 1
+    vocab = _vocab(stage_module) if last and temperature > 0 else None
     for t in range(max_new_tokens):
         offset = 0 if t == 0 else s0 + t - 1
         if link is not None and not first:  # post this step's receives early
             for i, r in enumerate(rows):
                 link.post_recv(("h", t, i), forward=True, what=f"hidden states of group {i}, step {t}")
-        noise = _gumbel(seed, t, batch, _vocab(stage_module), device) if last and temperature > 0 else None
+        noise = _gumbel(seed, t, batch, vocab, device) if vocab is not None else None
         for i, r in enumerate(rows):
             if first:
                 if t == 0:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from tandem.pipeline._agree import AGREE_TIMEOUT_S, agree, setting
 from tandem.pipeline._stage_exec import StageExec
-from tandem.pipeline._transport import ErrorBoard, PipelineError, StageTraffic, wait
+from tandem.pipeline._transport import ErrorBoard, PipelineError, StageTraffic, fail_every_rank, wait
 from tandem.pipeline.ir import Action, ActionKind, TimelineRecord
 from tandem.pipeline.lower import lower
 from tandem.pipeline.schedules import Schedule
@@ -83,6 +83,17 @@ def _neighbours(layout, rank: int) -> tuple[Optional[int], Optional[int]]:
                          f"needs them from rank {(rank - 1) % pp} and to rank {(rank + 1) % pp} at "
                          "most, as looped layouts have (stage s on rank s % pp)")
     return next(iter(prevs), None), next(iter(nexts), None)
+
+
+def _tied_weights(stages) -> list:
+    """(pair of stages, this stage, the other, name, parameter) of each tied weight of
+    ``stages`` ({stage: StageExec}), in the order of the pairs (the same order on both ends)."""
+    exchanges = []
+    for ex in stages.values():
+        for name, (param, other) in getattr(ex.module, "tied", {}).items():
+            exchanges.append(((min(ex.stage, other), max(ex.stage, other)), ex.stage, other, name, param))
+    exchanges.sort(key=lambda e: e[0])
+    return exchanges
 
 
 def _final_gradient_actions(actions) -> tuple[dict, dict]:
@@ -151,11 +162,11 @@ class PipelineRunner:
             except RuntimeError as e:
                 self._fail(f"{self.who}: building the StageLink failed: {e}", e)
         self.stages = {s: StageExec(s, mod, self) for s, mod in zip(mine, modules)}
+        self._tied = _tied_weights(self.stages)
         if self.mesh.dp > 1:  # dp all-reduce of each stage's buckets during its last backward
             from tandem.dp import OverlappedGradReducer
 
-            tied = {id(param) for ex in self.stages.values()
-                    for param, _ in getattr(ex.module, "tied", {}).values()}
+            tied = {id(param) for *_, param in self._tied}
             self.reducer = OverlappedGradReducer(
                 [[p for p in ex.module.parameters() if id(p) not in tied] for ex in self.stages.values()],
                 self.mesh, bucket_bytes=dp_bucket_bytes)
@@ -279,19 +290,11 @@ class PipelineRunner:
                 yield
         except BaseException as e:
             self._end()  # drop the failed call's activations and graphs
-            if isinstance(e, PipelineError):
-                message = str(e)
-            elif isinstance(e, Exception):
-                message = f"{self.who}: {type(e).__name__}: {e}"
-            else:  # KeyboardInterrupt, SystemExit: its peers stop too, then it goes on as it is
-                message = f"{self.who}: stopped by {type(e).__name__}"
-            self.board.post(message)
-            if self.p2p is not None:
-                self.p2p.link.abort()
-            self.mesh.abort(message)
-            if isinstance(e, Exception) and not isinstance(e, PipelineError):
-                raise PipelineError(message) from e
-            raise
+            error = fail_every_rank(e, self.who, self.board, self.mesh,
+                                    self.p2p.link if self.p2p is not None else None)
+            if error is e:
+                raise
+            raise error from e
 
     def _run(self, inputs, targets, *, train: bool) -> None:
         self.timeline, self._events = [], []
@@ -428,35 +431,24 @@ class PipelineRunner:
         return self.timeline
 
     # --- after the last action ----------------------------------------------------------
-    def _tied(self):
-        """(pair of stages, this stage, the other, name, parameter) of each tied weight here,
-        in the order of the pairs (the same order on both ends)."""
-        exchanges = []
-        for ex in self.stages.values():
-            for name, (param, other) in getattr(ex.module, "tied", {}).items():
-                pair = (min(ex.stage, other), max(ex.stage, other))
-                exchanges.append((pair, ex.stage, other, name, param))
-        exchanges.sort(key=lambda e: e[0])
-        return exchanges
-
     def _set_aside_tied_grads(self) -> list:
         """The tied weights' accumulated gradients (equal on both ends), set to None so that
         the step's exchange sums this step's gradients alone."""
         kept = []
-        for *_, param in self._tied():
+        for *_, param in self._tied:
             kept.append(param.grad)
             param.grad = None
         return kept
 
     def _restore_tied_grads(self, kept: list) -> None:
-        for (*_, param), before in zip(self._tied(), kept):
+        for (*_, param), before in zip(self._tied, kept):
             param.grad = before
 
     def _sum_tied_grads(self, kept: list) -> None:
         """Sum each tied weight's gradient of this step with the other end's, then add what
         was accumulated before (``kept``): both ends hold the same bits."""
         local: dict = {}
-        for (pair, stage, other, name, param), before in zip(self._tied(), kept):
+        for (pair, stage, other, name, param), before in zip(self._tied, kept):
             grad = param.grad if param.grad is not None else torch.zeros_like(param)
             peer = self.layout.rank_of(other)
             if peer == self.rank:  # both ends on this rank: sum once both are seen
@@ -488,8 +480,7 @@ class PipelineRunner:
         host = self.device.type != "cuda"
         self.reducer.finish(lambda work, what: wait(work, f"{self.who}: {what}", self.board,
                                                     self.timeout, host=host))
-        tied = [param for ex in self.stages.values()
-                for param, _ in getattr(ex.module, "tied", {}).values()]
+        tied = [param for *_, param in self._tied]
         all_reduce_grads(tied, self.mesh)
 
     def _share_loss(self) -> Tensor:
