@@ -1,7 +1,9 @@
-"""ParallelMLP: fc1 column-parallel with fused GeLU, fc2 row-parallel (one all-reduce)."""
+"""ParallelMLP: fc1 column-parallel with fused GeLU (or SwiGLU's gate and up), fc2
+row-parallel (one all-reduce)."""
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
@@ -12,9 +14,51 @@ from tandem.nn import _collectives as C
 from tandem.nn import wgrad as W
 from tandem.nn.wgrad import weight_grad
 from tandem.nn.linear import ColumnParallelLinear, RowParallelLinear
+from tandem.nn._tp import TPInfo, check_divisible, shard
 from tandem.nn.state import FullStateDictMixin
 
-__all__ = ["ParallelMLP"]
+__all__ = ["ParallelMLP", "GatedColumnParallelLinear", "ACTIVATIONS"]
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+
+
+class GatedColumnParallelLinear(ColumnParallelLinear):
+    """SwiGLU's gate and up projections as one column-parallel GEMM.
+
+    Full weight [2*ffn, h] = [gate; up] (each as nn.Linear(h, ffn)); rank r holds
+    [gate rows of shard r; up rows of shard r] = [2*ffn/tp, h], so its output halves are the
+    matching gate and up columns: silu(gate) * up needs no communication.
+    """
+
+    def __init__(self, in_features: int, ffn_features: int, bias: bool = True, **kwargs):
+        check_divisible("GatedColumnParallelLinear", "ffn_features", ffn_features, TPInfo(kwargs.get("mesh")).size)
+        super().__init__(in_features, 2 * ffn_features, bias, **kwargs)
+        self.ffn_features = ffn_features
+
+    def _split(self, full, tp):
+        # (2*ffn, ..) -> (2, ffn, ..) -> this rank's (2, ffn/tp, ..) -> (2*ffn/tp, ..)
+        halves = full.reshape(2, full.shape[0] // 2, *full.shape[1:])
+        return shard(halves, 1, tp).reshape(-1, *full.shape[1:])
+
+    @torch.no_grad()
+    def load_full_state_dict(self, sd: dict) -> None:
+        self.weight.copy_(self._split(sd["weight"], self.tp))
+        if self.bias is not None:
+            self.bias.copy_(self._split(sd["bias"], self.tp))
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict:
+        comm = self.tp.comm
+        out = {}
+        for k, v in self.named_parameters():
+            v = v.detach()
+            if comm is None:
+                out[k] = v.clone()
+                continue
+            g = C.all_gather(v, comm, 0)  # (2*ffn/tp, ..) -> (tp * 2 * ffn/tp, ..)
+            g = g.reshape(comm.size, 2, -1, *v.shape[1:]).transpose(0, 1)  # (2, tp, ffn/tp, ..)
+            out[k] = g.reshape(-1, *v.shape[1:]).contiguous()
+        return out
 
 
 class _MLPShard(Function):
@@ -48,23 +92,32 @@ class _MLPShard(Function):
 
 
 class ParallelMLP(FullStateDictMixin, nn.Module):
-    """fc2(gelu(fc1(x))): [..., h] -> [..., ffn/tp] -> [..., h], all-reduced over tp.
+    """fc2(act(fc1(x))): [..., h] -> [..., ffn/tp] -> [..., h], all-reduced over tp.
 
-    Full weights: fc1 [ffn, h], fc2 [h, ffn] (nn.Linear keys "fc1.weight", ...).
+    ``activation``: "gelu_tanh", "gelu" (erf) or "swiglu" (fc2(silu(gate(x)) * up(x)), Shazeer
+    2020, with fc1 = [gate; up]). Full weights: fc1 [ffn, h] ([2*ffn, h] for swiglu), fc2
+    [h, ffn] (nn.Linear keys "fc1.weight", ...).
     """
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, *, activation: str = "gelu_tanh",
                  bias: bool = True, sequence_parallel: bool = False, overlap_chunks: int = 1,
                  mesh: Optional[Mesh] = None, device=None, dtype=None):
         super().__init__()
-        if activation not in ("gelu", "gelu_tanh"):
-            raise ValueError(f"ParallelMLP: activation must be 'gelu' or 'gelu_tanh', got {activation!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"ParallelMLP: activation must be one of {ACTIVATIONS}, got {activation!r}")
         common = dict(mesh=mesh, device=device, dtype=dtype, sequence_parallel=sequence_parallel)
-        self.fc1 = ColumnParallelLinear(hidden_size, ffn_hidden_size, bias, activation=activation, **common)
+        self.activation = activation
+        if activation == "swiglu":
+            self.fc1 = GatedColumnParallelLinear(hidden_size, ffn_hidden_size, bias, **common)
+        else:
+            self.fc1 = ColumnParallelLinear(hidden_size, ffn_hidden_size, bias, activation=activation, **common)
         self.fc2 = RowParallelLinear(ffn_hidden_size, hidden_size, bias, overlap_chunks=overlap_chunks, **common)
 
     def forward(self, x: Tensor) -> Tensor:
         fc1, fc2 = self.fc1, self.fc2
+        if self.activation == "swiglu":
+            gate, up = fc1(x).chunk(2, dim=-1)  # (.., h) -> (.., 2*ffn/tp) -> 2 x (.., ffn/tp)
+            return fc2(F.silu(gate) * up)  # (.., ffn/tp) @ (ffn/tp, h) -> (.., h), all-reduced
         if fc1.sequence_parallel or fc2.overlap_chunks > 1:  # the layers' own collectives
             return fc2(fc1(x))  # (.., h) -> (.., ffn/tp) -> (.., h)
         comm = fc1.tp.comm

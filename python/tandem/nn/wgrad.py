@@ -4,7 +4,7 @@ Inside ``defer_weight_grads(bucket)``, the backward of tandem's layers computes 
 gradient (B) at once and appends the parameter-gradient work to ``bucket`` instead of
 running it; ``flush(bucket)`` runs it later (W) and accumulates into ``param.grad``. That
 covers tandem's linear layers (weight GEMMs and biases), ``layer_norm`` (weight and bias:
-ATen's layer-norm backward run once for the input, once for the parameters) and
+ATen's layer-norm backward run once for the input, once for the parameters), ``rms_norm`` and
 ``embedding`` (the scatter-add of rows), which tandem's GPT uses. Outside the context every
 gradient is computed at once, as usual. Modules that do not use these (user modules) get
 their parameters' gradients in B.
@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 __all__ = ["defer_weight_grads", "deferring", "flush", "pending_params", "Deferred", "weight_grad", "weight_grads", "linear",
-           "add_bias", "layer_norm", "embedding"]
+           "add_bias", "layer_norm", "rms_norm", "embedding"]
 
 _bucket: Optional[list] = None
 
@@ -189,6 +189,44 @@ def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bia
     if not torch.is_grad_enabled():
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     return _LayerNorm.apply(x, list(normalized_shape), weight, bias, eps)
+
+
+class _RMSNorm(Function):
+    """weight * (x / sqrt(mean(x^2) + eps)), the statistics in float32 (Zhang & Sennrich 2019)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.to(torch.float32)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (.., 1)
+        xhat = (xf * rstd).to(x.dtype)  # (.., h)
+        ctx.save_for_backward(x, rstd)
+        ctx.weight = weight
+        return weight * xhat
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rstd = ctx.saved_tensors
+        w = ctx.weight
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            # d/dx of (x * rstd): rstd * (g - xhat * mean(g * xhat)), with g = grad * w, in float32
+            xhat = x.to(torch.float32) * rstd
+            g = (grad * w).to(torch.float32)
+            gx = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            def compute():  # sum over tokens of grad * xhat -> (h)
+                xhat = (x.to(torch.float32) * rstd).to(x.dtype)
+                return (grad * xhat).reshape(-1, grad.shape[-1]).sum(0).to(w.dtype)
+            gw = weight_grad(w, compute)
+        return gx, gw, None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """RMSNorm of the last dimension whose weight gradient can be deferred (see module docstring)."""
+    if not torch.is_grad_enabled():
+        xf = x.to(torch.float32)
+        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return _RMSNorm.apply(x, weight, eps)
 
 
 class _Embedding(Function):
