@@ -1,4 +1,5 @@
-"""tandem's GPT through the pipeline on 4 gloo ranks, against tp = 1, pp = 1 in one process:
+"""tandem's GPT through the pipeline on 4 gloo ranks, against tp = 1, pp = 1 in one process,
+GPT-2-class and Llama-class (RMSNorm, RoPE, SwiGLU, GQA, q/k/v biases):
 
 - tp=2 x pp=2, ZB-H1 (split B/W with TP collectives), tied embeddings: loss, every
   weight after 3 SGD steps, and the embedding and its copy on the last stage bitwise equal;
@@ -6,24 +7,31 @@
   with the dp all-reduce of most gradient buckets started during the last backward; dp=4
   with one stage under ZB-H1 (a tied weight written by two deferred pieces per microbatch);
 - pipelined greedy decoding equals GPT.generate token for token (tp=2 x pp=2, two request
-  groups in flight), and sampled decoding equals the one-stage run with the same seed; a
+  groups in flight), and sampled decoding equals the one-stage run with the same seed, with
+  top-k, top-p, left-padded prompts and EOS too; a
   rank that refuses its arguments, or prompts that differ between ranks, fail every rank at
   once, and the next call decodes as before.
 
 One spawned world runs all cases (a 4-rank world costs ~10 s to start here).
 """
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from distributed import outcome, run_ranks
 
 STEPS, LR = 3, 0.5
+_KIND = "gpt2"  # set in each worker process
 
 
 def _config():
     from tandem.models import GPTConfig
 
+    if _KIND == "llama":
+        return GPTConfig(vocab_size=64, max_seq_len=16, num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2,
+                         ffn_hidden_size=48, tie_embeddings=True, bias=False, qkv_bias=True, activation="swiglu",
+                         norm="rmsnorm", norm_eps=1e-6, position="rope", rope_theta=500.0)
     return GPTConfig(vocab_size=64, max_seq_len=16, num_layers=2, hidden_size=32, num_heads=4,
                      tie_embeddings=True)
 
@@ -101,10 +109,12 @@ def _tied_values(stages):
     return [p.detach().clone() for st in stages for p, _ in st.tied.values()]
 
 
-def _worker(rank, world):
+def _worker(rank, world, kind):
     import tandem
     from tandem.pipeline import Interleaved1F1B, ZeroBubbleH1, generate, split
 
+    global _KIND
+    _KIND = kind
     ref, ref_losses = _reference()
     out = {}
 
@@ -137,6 +147,22 @@ def _worker(rank, world):
     assert torch.equal(sampled, alone), "sampled decoding depends on the pipeline"
     assert torch.equal(sampled[:, :5], prompt) and int(sampled.max()) < 64
     out["greedy"] = got.tolist()
+    # left-padded prompts of different lengths, top-k / top-p sampling and EOS: the pipeline
+    # gives what the whole model's generate gives (rows that ended get the pad token)
+    mask = torch.ones_like(prompt)
+    mask[0, :2] = 0
+    mask[3, :1] = 0
+    padded = prompt.masked_fill(mask == 0, 0)
+    eos = int(want[1, 7])  # the third new token of row 1: that row, at least, ends early
+    for kw in (dict(), dict(temperature=0.9, top_k=5, top_p=0.8, seed=3)):
+        args = dict(attention_mask=mask, eos_token_id=eos, pad_token_id=63, **kw)
+        want_padded = one_stage.generate(padded, 6, **args)
+        got_padded = generate(stage, padded, 6, mesh=mesh, **args)
+        assert torch.equal(got_padded, want_padded), f"padded decoding {kw} differs:\n{got_padded}\n{want_padded}"
+        assert (want_padded[1, 8:] == 63).all()
+    # every token ends a row: every rank returns the prompt and one token
+    ended = generate(stage, prompt, 6, mesh=mesh, eos_token_id=list(range(64)))
+    assert ended.shape == (4, 6) and torch.equal(ended, want[:, :6]), ended
     # one rank refuses its arguments: it raises its ValueError, every other rank its message,
     # at once; ranks whose prompts differ all refuse; no collective is left half-issued, so
     # the next call decodes as before
@@ -193,8 +219,9 @@ def ref_model_generate(prompt, n):
     return _model(tandem.Mesh.single()).generate(prompt, n)
 
 
-def test_gpt_3d_training_and_generation():
-    results = run_ranks(4, _worker, timeout=240)
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_gpt_3d_training_and_generation(kind):
+    results = run_ranks(4, _worker, kind, timeout=300)
     assert all(r["greedy"] == results[0]["greedy"] for r in results)
     for rank, r in enumerate(results):
         kind, message, seconds = r["refused"]

@@ -319,12 +319,15 @@ class EndOfSequence:
         self.pad = pad_token_id if pad_token_id is not None else (ids[0] if ids else 0)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    def apply(self, token: Tensor) -> Tensor:
-        """The tokens to emit, given the chosen ones [b]; marks rows that end."""
+    def apply(self, token: Tensor, rows=None) -> Tensor:
+        """The tokens to emit, given the chosen ones [b] (of the batch's ``rows``, default
+        all); marks the rows that end."""
         if self.eos.numel() == 0:
             return token
-        token = token.masked_fill(self.done, self.pad)
-        self.done |= torch.isin(token, self.eos)
+        rows = slice(None) if rows is None else rows
+        done = self.done[rows]
+        token = token.masked_fill(done, self.pad)
+        self.done[rows] = done | torch.isin(token, self.eos)
         return token
 
     @property

@@ -19,12 +19,12 @@ or number of groups, and each shard only needs its own columns.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from tandem.models.sampling import Sampling, gumbel, pick
 from tandem.pipeline._agree import AGREE_TIMEOUT_S, agree, setting
 from tandem.pipeline._transport import ErrorBoard, PipelineError, StageTraffic, fail_every_rank, wait
 
@@ -46,16 +46,10 @@ def sharded_argmax(scores: Tensor, comm, tp_rank: int) -> Tensor:
     return gathered[..., 1].gather(0, best_shard.unsqueeze(0)).squeeze(0).long()
 
 
-def _gumbel(seed: int, step: int, batch: int, vocab: int, device) -> Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    u = torch.rand(batch, vocab, generator=g, dtype=torch.float64)
-    return (-torch.log(-torch.log(u.clamp_min(1e-300)))).to(device)  # (B, V)
-
-
 class _Stage:
     """The GPT layers of this stage, run with per-group caches."""
 
-    def __init__(self, module: nn.Module, groups: list[int], max_len: int):
+    def __init__(self, module: nn.Module, groups: list[list[int]], max_len: int, pad: Optional[Tensor]):
         from tandem.models.gpt import GPTBlock, GPTEmbedding, GPTHead
 
         self.layers = list(module.layers.values()) if hasattr(module, "layers") else [module]
@@ -75,14 +69,15 @@ class _Stage:
             raise ValueError("generate: sequence_parallel models cannot decode one token at a time; "
                              "build the model with sequence_parallel=False for inference")
         # caches[i][j]: group i, j-th block of this stage; never leave this rank
-        self.caches = [[b.attn.new_cache(n, max_len) for b in blocks] for n in groups]
+        self.pads = [None if pad is None else pad[r] for r in groups]  # left padding of each group's rows
+        self.caches = [[b.attn.new_cache(len(r), max_len, pad=p) for b in blocks] for r, p in zip(groups, self.pads)]
         self.tp = next((getattr(l, "tp") for l in self.layers if hasattr(l, "tp")), None)
 
     def run(self, x: Tensor, group: int, offset: int) -> Tensor:
         caches = iter(self.caches[group])
         for layer, kind in zip(self.layers, self.kinds):
             if kind == "embed":
-                x = layer(x, offset)  # (b, s) ids -> (b, s, h)
+                x = layer(x, offset, self.pads[group])  # (b, s) ids -> (b, s, h)
             elif kind == "block":
                 x = layer(x, next(caches))  # (b, s, h), cache += s positions
             else:
@@ -93,13 +88,18 @@ class _Stage:
 @torch.no_grad()
 def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, mesh=None,
              num_microbatches: Optional[int] = None, temperature: float = 0.0, seed: int = 0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None,
+             attention_mask: Optional[Tensor] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
              timeout: float = 300.0, on_token: Optional[Callable] = None) -> Tensor:
-    """Decode ``max_new_tokens`` after ``prompt`` [B, s0] (the same on every rank) through
-    the pipeline; returns [B, s0 + max_new_tokens] on every rank.
+    """Decode up to ``max_new_tokens`` after ``prompt`` [B, s0] (the same on every rank)
+    through the pipeline; returns [B, s0 + new] on every rank (new = max_new_tokens unless
+    every row ended with ``eos_token_id`` before).
 
     ``stage_module``: this rank's stage of a GPT (``split(gpt.layers(), pp)``), one stage
     per rank. Greedy when ``temperature == 0`` (token for token what the whole model's
-    greedy decoding gives), else sampled with ``seed``. ``num_microbatches``: request
+    greedy decoding gives), else sampled with ``seed``, ``top_k`` and ``top_p`` (the same
+    tokens as ``GPT.generate`` with the same arguments). ``attention_mask`` [B, s0]: 0 for
+    left padding, 1 for tokens. ``num_microbatches``: request
     groups in flight (default: min(pp, B)). ``on_token(rows, tokens)`` is called on the last
     stage as soon as request group ``rows`` has its next tokens [len(rows)] (streaming).
     """
@@ -109,7 +109,9 @@ def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, me
     # one key per call, the same on every rank of this replica (every rank calls generate)
     check_board = ErrorBoard(mesh.board_key("generate", per_replica=True))
     try:
-        return _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature, seed,
+        return _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches,
+                         dict(temperature=temperature, seed=seed, top_k=top_k, top_p=top_p),
+                         dict(attention_mask=attention_mask, eos_token_id=eos_token_id, pad_token_id=pad_token_id),
                          timeout, on_token, check_board)
     except BaseException:
         # whatever failed, on whichever rank: the ring's messages may be out of step, and every
@@ -118,24 +120,23 @@ def generate(stage_module: nn.Module, prompt: Tensor, max_new_tokens: int, *, me
         raise
 
 
-def _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature, seed, timeout):
+def _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches, sampling, ends, timeout):
     """This rank's checks and set-up: -> (request groups' rows, the stage with its caches,
-    the seed as an int); raises ValueError / TypeError naming what is wrong."""
+    Sampling, left padding [B] or None); raises ValueError / TypeError naming what is wrong."""
+    from tandem.models.gpt import left_padding
+
     pp, rank = mesh.pp, mesh.pp_rank
     if not isinstance(prompt, Tensor) or prompt.dim() != 2 or prompt.dtype not in (torch.int64, torch.int32):
         raise ValueError("generate: prompt must be int token ids of shape [B, s0]")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"generate: temperature must be a finite number >= 0, got {temperature!r}")
     if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"generate: timeout must be a finite number of seconds > 0, got {timeout!r}")
     try:
-        seed = operator.index(seed)
-    except TypeError:
-        raise ValueError(f"generate: seed must be an int, got {seed!r}") from None
-    if not 0 <= seed < 1 << 40:
-        raise ValueError(f"generate: seed must be in 0 .. 2**40 - 1, got {seed}")
+        sampling = Sampling(**sampling)
+        pad = left_padding(ends["attention_mask"], prompt.shape)
+    except ValueError as e:
+        raise ValueError(f"generate: {e}") from None
     stage = getattr(stage_module, "stage", rank)
     if stage != rank or getattr(stage_module, "num_stages", pp) != pp:
         raise ValueError(f"generate: pipeline rank {rank} of {pp} needs stage {rank} of {pp}, got stage "
@@ -144,23 +145,27 @@ def _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatche
     m = min(pp, batch) if num_microbatches is None else num_microbatches
     if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= batch:
         raise ValueError(f"generate: num_microbatches must be an int in 1..{batch} (the batch), got {m!r}")
-    if rank == pp - 1 and temperature > 0:
+    if rank == pp - 1 and not sampling.greedy:
         _vocab(stage_module)  # the last stage holds the head
     rows = [r.tolist() for r in torch.arange(batch).tensor_split(m)]
-    return rows, _Stage(stage_module, [len(r) for r in rows], s0 + max_new_tokens), seed
+    pad = None if pad is None else pad.to(mesh.device)
+    return rows, _Stage(stage_module, rows, s0 + max_new_tokens, pad), sampling, pad
 
 
-def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temperature, seed, timeout,
+def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, sampling, ends, timeout,
               on_token, check_board: ErrorBoard) -> Tensor:
     pp, rank = mesh.pp, mesh.pp_rank
     who = f"pipeline rank {rank} (global rank {mesh.rank})"
-    names = ("prompt", "max_new_tokens", "num_microbatches", "temperature", "seed", "timeout")
+    names = ("prompt", "attention_mask", "max_new_tokens", "num_microbatches", "temperature", "seed", "top_k",
+             "top_p", "eos_token_id", "pad_token_id", "timeout")
     refusal, settings, agree_timeout = None, {name: (0, "") for name in names}, AGREE_TIMEOUT_S
     try:
-        rows, st, seed = _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches,
-                                          temperature, seed, timeout)
-        given = (prompt, max_new_tokens, len(rows), float(temperature), seed, float(timeout))
-        settings = {name: (setting(v), "" if name == "prompt" else repr(v)) for name, v in zip(names, given)}
+        rows, st, smp, pad = _check_arguments(stage_module, prompt, max_new_tokens, mesh, num_microbatches,
+                                              sampling, ends, timeout)
+        given = (prompt, ends["attention_mask"], max_new_tokens, len(rows), float(smp.temperature), smp.seed,
+                 smp.top_k, smp.top_p, ends["eos_token_id"], ends["pad_token_id"], float(timeout))
+        settings = {name: (setting(v), "" if name in ("prompt", "attention_mask") else repr(v))
+                    for name, v in zip(names, given)}
         agree_timeout = timeout
     except Exception as e:  # bad arguments, or a stage that cannot decode: every rank hears of it
         refusal = e
@@ -173,7 +178,7 @@ def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temp
         if pp > 1:
             link, board = _ring(mesh, timeout, who)
         with _C._WaitWatch(board._impl, float(timeout)):  # TP waits, too, stop on a posted failure
-            return _decode(stage_module, st, rows, prompt, max_new_tokens, mesh, temperature, seed, timeout,
+            return _decode(stage_module, st, rows, prompt, max_new_tokens, mesh, smp, ends, timeout,
                            on_token, link, board, who)
     except BaseException as e:  # the mesh is aborted too (its ring with it): every rank hears of it
         error = fail_every_rank(e, f"stage {rank} ({who}) failed in generate", board, mesh)
@@ -182,10 +187,12 @@ def _generate(stage_module, prompt, max_new_tokens, mesh, num_microbatches, temp
         raise error from e
 
 
-def _decode(stage_module, st, rows, prompt, max_new_tokens, mesh, temperature, seed, timeout, on_token,
+def _decode(stage_module, st, rows, prompt, max_new_tokens, mesh, sampling, ends, timeout, on_token,
             link, board, who) -> Tensor:
-    """The decoding loop, once the ranks agreed: ``max_new_tokens`` steps of every request
-    group through this rank's stage; every rank returns the tokens [B, s0 + max_new_tokens]."""
+    """The decoding loop, once the ranks agreed: up to ``max_new_tokens`` steps of every
+    request group through this rank's stage; every rank returns the tokens [B, s0 + new]."""
+    from tandem.models.gpt import EndOfSequence
+
     pp, rank = mesh.pp, mesh.pp_rank
     batch, s0 = prompt.shape
     first, last = rank == 0, rank == pp - 1
@@ -193,14 +200,20 @@ def _decode(stage_module, st, rows, prompt, max_new_tokens, mesh, temperature, s
     prompt = prompt.to(device=device, dtype=torch.int64)
     out = torch.zeros(batch, s0 + max_new_tokens, dtype=torch.int64, device=device)
     out[:, :s0] = prompt
+    stop = EndOfSequence(ends["eos_token_id"], ends["pad_token_id"], batch, device)
+    steps = max_new_tokens  # decoded steps, known on the last stage (every row ended: fewer)
     tokens: dict = {}  # (t, i) -> [b_i] next tokens, when pp == 1
-    vocab = _vocab(stage_module) if last and temperature > 0 else None
+    vocab = _vocab(stage_module) if last and not sampling.greedy else None
+    tp_comm = st.tp.comm if st.tp is not None else None
+    tp_rank = st.tp.rank if st.tp is not None else 0
     for t in range(max_new_tokens):
         offset = 0 if t == 0 else s0 + t - 1
         if link is not None and not first:  # post this step's receives early
             for i, r in enumerate(rows):
                 link.post_recv(("h", t, i), forward=True, what=f"hidden states of group {i}, step {t}")
-        noise = _gumbel(seed, t, batch, vocab, device) if vocab is not None else None
+        noise = None
+        if vocab is not None and not sampling.filtered:
+            noise = gumbel(sampling.seed, t, batch, vocab, device)
         for i, r in enumerate(rows):
             if first:
                 if t == 0:
@@ -218,12 +231,17 @@ def _decode(stage_module, st, rows, prompt, max_new_tokens, mesh, temperature, s
                     link.post_recv(("tok", t, i), forward=True, what=f"tokens of group {i}, step {t}")
                 continue
             scores = y[:, -1].float()  # (b_i, V/tp): the last position
-            if noise is not None:
-                cols = scores.shape[-1]
-                start = (st.tp.rank if st.tp is not None else 0) * cols
-                scores = scores / temperature + noise[r, start:start + cols]
-            tok = sharded_argmax(scores, st.tp.comm if st.tp is not None else None,
-                                 st.tp.rank if st.tp is not None else 0)
+            if sampling.filtered:  # top-k / top-p need the row's whole vocabulary
+                from tandem.nn import _collectives as C
+
+                full = C.gather_from_tp(scores, tp_comm, dim=-1)  # (b_i, V/tp) -> (b_i, V)
+                tok = pick(full, sampling, t, rows=torch.tensor(r, device=device), batch=batch)
+            else:
+                if noise is not None:
+                    cols = scores.shape[-1]
+                    scores = scores / sampling.temperature + noise[r, tp_rank * cols:(tp_rank + 1) * cols]
+                tok = sharded_argmax(scores, tp_comm, tp_rank)
+            tok = stop.apply(tok, r)
             out[r, s0 + t] = tok
             if on_token is not None:
                 on_token(r, tok)
@@ -232,13 +250,20 @@ def _decode(stage_module, st, rows, prompt, max_new_tokens, mesh, temperature, s
                     tokens[(t, i)] = tok
                 elif not first:
                     link.send(tok, forward=True, what=f"tokens of group {i}, step {t}")
+        if last and stop.all_done and steps == max_new_tokens:
+            steps = t + 1
+            if link is None:  # one stage: nothing else waits for the remaining steps
+                break
+    length = torch.tensor([steps], dtype=torch.int64, device=device)
     if link is not None:
         link.finish()
         # every rank returns the tokens: the last stage has them all, the others add zeros
         if not last:
             out.zero_()
+            length.zero_()
         wait(mesh.pp_comm.all_reduce(out), f"{who}: output all-reduce", board, timeout)
-    return out
+        wait(mesh.pp_comm.all_reduce(length), f"{who}: output length all-reduce", board, timeout)
+    return out[:, :s0 + int(length)]
 
 
 def _ring(mesh, timeout: float, who: str):
