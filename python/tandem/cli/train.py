@@ -30,6 +30,9 @@ def add_parser(sub):
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step per dp replica")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--model", default="tiny", help="tiny, small, or a GPTConfig as JSON (a file or a string)")
+    p.add_argument("--init-from", default=None, metavar="HF_DIR",
+                   help="start from a Hugging Face model's weights and config (Llama, Mistral, Qwen2, GPT-2); "
+                   "each rank reads only its shards")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/train", help="output directory")
     p.add_argument("--check", action="store_true", help="also train the tp=pp=dp=1 reference on the same data "
@@ -55,6 +58,15 @@ def model_config(spec: str):
         return GPTConfig(**fields)
     except (TypeError, ValueError) as e:
         raise common.UsageError(f"--model: {e}")
+
+
+def _hf_config(path: str):
+    from tandem.hf import read_config, to_gpt_config
+
+    try:
+        return to_gpt_config(read_config(path))[1]
+    except (FileNotFoundError, ValueError) as e:
+        raise common.UsageError(f"--init-from: {e}")
 
 
 def _world(args) -> tuple[int, int, int, int]:
@@ -86,7 +98,7 @@ def schedule_for(name: str, pp: int, microbatches: int):
 
 def validate(args):
     """Everything checkable before any process starts. Returns (cfg, tp, pp, dp, world)."""
-    cfg = model_config(args.model)
+    cfg = model_config(args.model) if args.init_from is None else _hf_config(args.init_from)
     tp, pp, dp, world = _world(args)
     try:
         cfg.check_tp(tp)

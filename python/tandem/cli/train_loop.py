@@ -15,7 +15,7 @@ def _build(args, cfg, mesh):
     from tandem.models import GPT
 
     torch.manual_seed(args.seed)  # identical full weights on every rank, as the reference
-    model = GPT(cfg, mesh=mesh)
+    model = GPT(cfg, mesh=mesh) if args.init_from is None else _from_hf(args, mesh)
     if mesh.pp > 1:
         from tandem.cli.train_pipeline import build_pipeline
 
@@ -41,13 +41,22 @@ def _build(args, cfg, mesh):
     return model, model, step, lambda: records
 
 
+def _from_hf(args, mesh):
+    """The Hugging Face model's weights, in float32; at pp > 1 each rank reads only the layers
+    of its stage(s) (every layer with the interleaved schedule's finer cut)."""
+    import tandem.hf
+
+    whole = mesh.pp > 1 and args.schedule == "interleaved"
+    return tandem.hf.load_model(args.init_from, mesh, dtype=torch.float32, whole=whole)
+
+
 def _reference_losses(args, cfg, dp: int) -> list:
     """Loss per step of the tp=pp=dp=1 model on the same data (all dp shards in one batch)."""
     from tandem.mesh import Mesh
     from tandem.models import GPT
 
     torch.manual_seed(args.seed)
-    model = GPT(cfg, mesh=Mesh.single())
+    model = GPT(cfg, mesh=Mesh.single()) if args.init_from is None else _from_hf(args, Mesh.single())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     losses = []
     for step in range(args.steps):

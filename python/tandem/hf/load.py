@@ -129,7 +129,7 @@ def _read_param(ckpt: Checkpoint, key: str, srcs: list, full_shape: tuple, shard
 
 
 def load_model(path: str, mesh=None, *, dtype: Optional[torch.dtype] = None, device=None,
-               balance="params"):
+               balance="params", whole: bool = False):
     """tandem's GPT with this rank's shards of the Hugging Face checkpoint in ``path``.
 
     ``path``: a directory with ``config.json`` and ``model.safetensors`` (or shards listed in
@@ -144,6 +144,9 @@ def load_model(path: str, mesh=None, *, dtype: Optional[torch.dtype] = None, dev
     ``tandem.pipeline.split(model.layers(), mesh.pp, balance=model.partition)``. The other
     layers stay on the meta device (calling the whole model there is an error). The head's
     stage also reads the token embedding when the embeddings are tied (its copy of the weight).
+
+    ``whole=True`` materialises every layer whatever pp (e.g. for an interleaved schedule, which
+    cuts the layers into more stages than pp; ``partition`` is then None).
 
     ``model.load_report``: {"bytes_read", "bytes_total"} of this rank.
     Every size is checked against ``mesh.tp`` before any weight is read.
@@ -161,7 +164,7 @@ def load_model(path: str, mesh=None, *, dtype: Optional[torch.dtype] = None, dev
     device = torch.device(device) if device is not None else mesh.device
     model = GPT(cfg, mesh=mesh, device="meta", dtype=dtype)
     model.architecture = arch
-    keep = _stage_layers(model, mesh, balance)
+    keep = _stage_layers(model, 1 if whole else mesh.pp, mesh.pp_rank, balance)
     shards = _shards(model)
     for layer in keep:
         layer.to_empty(device=device)  # new parameter objects: named after this
@@ -181,18 +184,18 @@ def load_model(path: str, mesh=None, *, dtype: Optional[torch.dtype] = None, dev
     return model
 
 
-def _stage_layers(model, mesh, balance) -> list:
+def _stage_layers(model, pp: int, pp_rank: int, balance) -> list:
     """The layers this rank materialises: all of them at pp=1, else its stage's (plus the
     token embedding on the head's stage when tied)."""
     layers = model.layers()
     model.partition = None
-    if mesh.pp == 1:
+    if pp == 1:
         return layers
     from tandem.pipeline import partition
 
-    cut = partition(layers, mesh.pp, balance=balance)
+    cut = partition(layers, pp, balance=balance)
     model.partition = cut
-    first, end = cut.bounds[mesh.pp_rank]
+    first, end = cut.bounds[pp_rank]
     keep = layers[first:end]
     if model.config.tie_embeddings and end == len(layers) and first > 0:
         keep.append(model.embed.tok)  # split() copies the tied weight from it
