@@ -204,3 +204,49 @@ def test_tied_weights_need_both_ends_in_the_plan_and_nothing_converts_on_error()
     assert model.lm_head.weight is model.transformer.wte.weight
     with pytest.raises(ValueError, match=r"'transformer.wte.weight' \(vocab\) is tied to 'lm_head.weight' \(rowwise\)"):
         tandem.parallelize(model, _tp(2), {**tandem.GPT2_PLAN, "lm_head": "rowwise"})
+
+
+def test_converted_layers_initialise_and_compute_like_their_twins():
+    """Built directly (not converted), each layer draws its full weight as its twin does; at tp=1
+    it computes what the twin computes; at tp=2 rank 1 holds its sections' slices."""
+    from transformers.pytorch_utils import Conv1D
+
+    from tandem.mesh import Mesh
+    from tandem.nn.converted import (ColumnParallelConv1D, FusedColumnParallelLinear, PaddedVocabParallelEmbedding,
+                                     ReplicatedKVProjection, RowParallelConv1D)
+
+    def twins(make, make_twin, mesh):
+        torch.manual_seed(7)
+        layer = make(mesh)
+        torch.manual_seed(7)
+        return layer, make_twin()
+
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 5, 3, 5]])
+    pairs = {
+        "qkv conv1d": twins(lambda m: ColumnParallelConv1D(16, 48, sections=3, mesh=m), lambda: Conv1D(48, 16),
+                            Mesh.single()),
+        "row conv1d": twins(lambda m: RowParallelConv1D(16, 8, mesh=m), lambda: Conv1D(8, 16), Mesh.single()),
+        "fused linear": twins(lambda m: FusedColumnParallelLinear(16, 48, sections=3, mesh=m),
+                              lambda: torch.nn.Linear(16, 48), Mesh.single()),
+        "padded embedding": twins(lambda m: PaddedVocabParallelEmbedding(8, 16, padding_idx=5, mesh=m),
+                                  lambda: torch.nn.Embedding(8, 16, padding_idx=5), Mesh.single()),
+    }
+    for name, (layer, twin) in pairs.items():
+        layer.double(), twin.double()
+        assert_dicts_close(layer.full_state_dict(), dict(twin.named_parameters()), f"{name} init", rtol=0, atol=0)
+        inp = ids if "embedding" in name else x
+        y, y_twin = layer(inp), twin(inp)
+        torch.testing.assert_close(y, y_twin, **TOL)  # addmm vs linear: the order of a sum
+        (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        (y_twin * torch.arange(y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        assert_dicts_close(full_grads(layer), full_grads(twin), f"{name} grads", **TOL)
+    assert float(pairs["padded embedding"][0].weight.grad[5].abs().sum()) == 0.0  # the padding row learns nothing
+    # at tp=2 (rank 1; construction does not communicate)
+    rank1 = Mesh(tp=2, pp=1, dp=1, rank=1, device=torch.device("cpu"))
+    qkv, conv = twins(lambda m: ColumnParallelConv1D(16, 48, sections=3, mesh=m), lambda: Conv1D(48, 16), rank1)
+    full = conv.weight.detach().t()  # [q; k; v] rows of 16 each -> rank 1 holds rows 8..16 of each
+    torch.testing.assert_close(qkv.weight, torch.cat([full[8:16], full[24:32], full[40:48]]), rtol=0, atol=0)
+    kv, lin = twins(lambda m: ReplicatedKVProjection(16, 1, 8, mesh=m), lambda: torch.nn.Linear(16, 8), rank1)
+    assert kv.kv_head == 0
+    assert_dicts_close(dict(kv.named_parameters()), dict(lin.named_parameters()), "replicated kv init", rtol=0, atol=0)

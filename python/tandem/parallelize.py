@@ -33,8 +33,11 @@ head uses the embedding's shard: the tie, and its summed gradient, survive. A ti
 partner the plan leaves alone, or shards differently, is an error.
 
 With transformers' models the output head must be "colwise_gather": their forward computes
-the loss from full logits. tandem's own GPT has a built-in plan: it is rebuilt at the mesh's
-TP degree from its full weights.
+the loss from full logits. Dropout: every rank draws from its own generator, so give all TP
+ranks the same seed (replicated activations need the same masks).
+
+tandem's own GPT has a built-in plan: it is rebuilt at the mesh's TP degree from its full
+weights.
 """
 
 import fnmatch
@@ -195,14 +198,14 @@ def _ties(model: nn.Module, matches: dict) -> list[tuple[str, str]]:
     return pairs
 
 
-def _attention_updates(parent: nn.Module, children: list, tp: int) -> dict:
-    """{attribute: local value} for an attention module's head attributes."""
+def _attention_updates(name: str, parent: nn.Module, children: list, tp: int) -> dict:
+    """{attribute: local value} for the head attributes of the attention module ``name``."""
     updates = {}
     kv_child = next((m for m in children if m.style == "colwise_kv"), None)
     for attr in ("num_heads", "num_attention_heads"):
         value = getattr(parent, attr, None)
         if isinstance(value, int):
-            _divides(type(parent).__name__, attr, value, tp)
+            _divides(name, attr, value, tp)
             updates[attr] = value // tp
     for attr in ("num_key_value_heads", "num_kv_heads"):
         value = getattr(parent, attr, None)
@@ -320,8 +323,9 @@ def parallelize(model: nn.Module, mesh: Optional[Mesh] = None, plan: Optional[di
     attention = {}
     for m in matches.values():
         if m.style in _LINEAR_STYLES and isinstance(getattr(m.parent, "head_dim", None), int):
-            attention.setdefault(id(m.parent), (m.parent, []))[1].append(m)
-    updates = [(parent, _attention_updates(parent, children, tp)) for parent, children in attention.values()]
+            attention.setdefault(id(m.parent), (m.name.rpartition(".")[0], m.parent, []))[2].append(m)
+    updates = [(parent, _attention_updates(name, parent, children, tp))
+               for name, parent, children in attention.values()]
     if tp == 1:
         return model
     for m in matches.values():
