@@ -15,20 +15,26 @@ from tp_utils import assert_dicts_close, full_grads
 # ---- GPT-2- and Llama-style module trees, as users write them --------------------------
 
 class _Attention(nn.Module):
-    def __init__(self, h, heads, kv_heads, bias, out_name):
+    """q/k/v as three projections (Llama names) or one fused [q; k; v] c_attn (GPT-2 names)."""
+
+    def __init__(self, h, heads, kv_heads, bias, out_name, fused=False):
         super().__init__()
-        self.hd = h // heads
-        self.q_proj = nn.Linear(h, h, bias=bias)
-        self.k_proj = nn.Linear(h, kv_heads * self.hd, bias=bias)
-        self.v_proj = nn.Linear(h, kv_heads * self.hd, bias=bias)
+        self.head_dim = h // heads
+        if fused:
+            self.c_attn = nn.Linear(h, 3 * h, bias=bias)
+        else:
+            self.q_proj = nn.Linear(h, h, bias=bias)
+            self.k_proj = nn.Linear(h, kv_heads * self.head_dim, bias=bias)
+            self.v_proj = nn.Linear(h, kv_heads * self.head_dim, bias=bias)
         setattr(self, out_name, nn.Linear(h, h, bias=bias))
-        self.out_name = out_name
+        self.out_name, self.fused = out_name, fused
 
     def forward(self, x):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, -1, self.hd).transpose(1, 2)  # heads from the (sharded) width
-        k = self.k_proj(x).view(b, s, -1, self.hd).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, -1, self.hd).transpose(1, 2)
+        q, k, v = self.c_attn(x).chunk(3, -1) if self.fused else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(b, s, -1, self.head_dim).transpose(1, 2)  # heads from the (sharded) width
+        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, -1)
@@ -47,7 +53,7 @@ class _GPT2MLP(nn.Module):
 class _GPT2Block(nn.Module):
     def __init__(self, h, heads):
         super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(h), _Attention(h, heads, heads, True, "c_proj")
+        self.ln_1, self.attn = nn.LayerNorm(h), _Attention(h, heads, heads, True, "c_proj", fused=True)
         self.ln_2, self.mlp = nn.LayerNorm(h), _GPT2MLP(h)
 
     def forward(self, x):
@@ -152,6 +158,7 @@ def _models_worker(rank, world_size):
         _train_and_compare(lambda m: GPT(cfg, mesh=m), None, mesh, what=f"gpt tie={tie} sp={sp} kv={kv}")
     _train_and_compare(lambda m: GPT2Style(), tandem.GPT2_PLAN, mesh, what="gpt2-style")
     _train_and_compare(lambda m: LlamaStyle(kv_heads=world_size), tandem.LLAMA_PLAN, mesh, what="llama-style")
+    _train_and_compare(lambda m: LlamaStyle(kv_heads=1), tandem.LLAMA_PLAN, mesh, what="llama-style kv=1 < tp")
     # built directly at tp (no parallelize): the same full weights as the seeded plain model
     torch.manual_seed(5)
     direct = GPT(cfg, mesh=mesh)
