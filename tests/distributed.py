@@ -18,7 +18,10 @@ __all__ = ["run_ranks", "outcome"]
 
 
 def _entry(rank, world_size, init_file, fn, args, queue):
+    import torch
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)  # torch is imported already: the variable alone comes too late
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                 world_size=world_size)
