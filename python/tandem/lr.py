@@ -54,7 +54,7 @@ class LRSchedule:
         if self.decay == "constant":
             return self.lr
         span = self.total_steps - 1 - self.warmup_steps  # the decay runs from warmup_steps to the last step
-        progress = min(1.0, (step - self.warmup_steps) / span) if span > 0 else 1.0
+        progress = min(1.0, (step - self.warmup_steps) / span) if span > 0 else 0.0
         if self.decay == "linear":
             return self.lr - (self.lr - self.min_lr) * progress
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
