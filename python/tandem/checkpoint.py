@@ -22,6 +22,22 @@ __all__ = ["save", "load", "read_extra"]
 _META = "tandem.json"
 
 
+def _sections(module: nn.Module) -> dict:
+    """{param name: n} for parameters made of n equal sections along dim 0, each split over tp
+    (FusedColumnParallelLinear: [q; k; v], SwiGLU's [gate; up]): saved as [n, out/n, ...] at
+    every tp, so that a checkpoint moves between tp sizes section by section."""
+    from tandem.nn.linear import FusedColumnParallelLinear
+
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, FusedColumnParallelLinear) and m.sections > 1:
+            prefix = f"{name}." if name else ""
+            for p in ("weight", "bias"):
+                if getattr(m, p, None) is not None:
+                    out[prefix + p] = m.sections
+    return out
+
+
 def _placements(module: nn.Module) -> dict:
     """{param name: shard dim} for the sharded parameters of TP leaves (others are replicated)."""
     from tandem.nn.embedding import VocabParallelEmbedding
@@ -47,23 +63,27 @@ def _state_dict(model: nn.Module, params=None) -> dict:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import DTensor, Shard
 
-    sharded = _placements(model)
+    sharded, sections = _placements(model), _sections(model)
     meshes = {}
     sd = {}
     keep = None if params is None else {id(p) for p in params}
     for name, p in model.named_parameters():
         if keep is not None and id(p) not in keep:
             continue
+        data, n = p.data, sections.get(name)
+        if n is not None:  # (n * out/n/tp, ...) viewed as (n, out/n/tp, ...): a view, loads in place
+            data = data.view(n, -1, *data.shape[1:])
         if name not in sharded:
-            sd[name] = p.data
+            sd[name] = data
             continue
         dim, tp = sharded[name]
+        dim += n is not None  # the sections' dimension comes first
         key = id(tp.mesh)
         if key not in meshes:
             meshes[key] = DeviceMesh.from_group(tp.mesh.tp_group, p.device.type)
-        shape = list(p.shape)
+        shape = list(data.shape)
         shape[dim] *= tp.size
-        sd[name] = DTensor.from_local(p.data, meshes[key], [Shard(dim)], run_check=False,
+        sd[name] = DTensor.from_local(data, meshes[key], [Shard(dim)], run_check=False,
                                       shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride())
     return sd
 
