@@ -50,7 +50,7 @@ def _optimizer_state_moves_between_tp_sizes(rank, world, path):
     plain = GPT(_tiny(), mesh=Mesh.single())
     popt = torch.optim.AdamW(plain.parameters(), lr=1e-2)
     checkpoint.load(plain, path, optimizer=popt)
-    shards = checkpoint._placements(model)
+    shards, sections = checkpoint._placements(model), checkpoint._sections(model)
     pnames = {id(p): n for n, p in plain.named_parameters()}
     full_state = {pnames[id(p)]: s for p, s in popt.state.items()}
     checked = 0
@@ -58,9 +58,10 @@ def _optimizer_state_moves_between_tp_sizes(rank, world, path):
         mine = opt.state[p]
         for key in ("exp_avg", "exp_avg_sq"):
             full = full_state[name][key]
-            if name in shards:
+            if name in shards:  # this rank's shard of the full state (of each section)
                 dim, _ = shards[name]
-                full = full.chunk(2, dim=dim)[mesh.tp_rank]
+                n = sections.get(name, 1)
+                full = full.view(n, -1, *full.shape[1:]).chunk(2, dim=dim + 1)[mesh.tp_rank].reshape(mine[key].shape)
             assert torch.equal(full, mine[key]), (name, key)
             checked += 1
         assert float(full_state[name]["step"]) == float(mine["step"]) == 2.0

@@ -180,22 +180,24 @@ def _checkpoint_worker(rank, world_size, path):
     from tandem import checkpoint
     from tandem.models import GPT, GPTConfig
 
-    cfg = GPTConfig(vocab_size=32, max_seq_len=8, num_layers=2, hidden_size=16, num_heads=4, num_kv_heads=2,
-                    ffn_hidden_size=32)
-    torch.manual_seed(3)
-    m4 = GPT(cfg, mesh=tandem.init_mesh(tp=4))
-    saved = m4.full_state_dict()
-    checkpoint.save(m4, path, extra={"config": "x"})
-    torch.manual_seed(4)  # different weights, overwritten by the load
-    m2 = GPT(cfg, mesh=tandem.init_mesh(tp=2))
-    checkpoint.load(m2, path)
-    assert_dicts_close(m2.full_state_dict(), saved, "tp=4 -> tp=2", rtol=0, atol=0)
-    checkpoint.save(m2, path)  # over the existing checkpoint
-    torch.manual_seed(5)
-    m1 = GPT(cfg, mesh=tandem.Mesh.single())
-    checkpoint.load(m1, path)
-    assert_dicts_close(m1.full_state_dict(), saved, "tp=2 -> tp=1", rtol=0, atol=0)
-    assert checkpoint.read_extra(path) == {}
+    shape = dict(vocab_size=32, max_seq_len=8, num_layers=2, hidden_size=16, num_heads=4, num_kv_heads=2,
+                 ffn_hidden_size=32)
+    # GPT-2-class, and Llama-class whose SwiGLU [gate; up] shards interleave by rank
+    for cfg in (GPTConfig(**shape), GPTConfig(**shape, activation="swiglu", norm="rmsnorm", position="rope")):
+        torch.manual_seed(3)
+        m4 = GPT(cfg, mesh=tandem.init_mesh(tp=4))
+        saved = m4.full_state_dict()
+        checkpoint.save(m4, path, extra={"config": "x"})
+        torch.manual_seed(4)  # different weights, overwritten by the load
+        m2 = GPT(cfg, mesh=tandem.init_mesh(tp=2))
+        checkpoint.load(m2, path)
+        assert_dicts_close(m2.full_state_dict(), saved, f"{cfg.activation} tp=4 -> tp=2", rtol=0, atol=0)
+        checkpoint.save(m2, path)  # over the existing checkpoint
+        torch.manual_seed(5)
+        m1 = GPT(cfg, mesh=tandem.Mesh.single())
+        checkpoint.load(m1, path)
+        assert_dicts_close(m1.full_state_dict(), saved, f"{cfg.activation} tp=2 -> tp=1", rtol=0, atol=0)
+        assert checkpoint.read_extra(path) == {}
     return sorted(os.listdir(os.path.dirname(path)))
 
 

@@ -27,6 +27,22 @@ __all__ = ["save", "load", "read_extra", "is_complete"]
 _META = "tandem.json"
 
 
+def _sections(module: nn.Module) -> dict:
+    """{param name: n} for parameters made of n equal sections along dim 0, each split over tp
+    (FusedColumnParallelLinear: [q; k; v], SwiGLU's [gate; up]): saved as [n, out/n, ...] at
+    every tp, so that a checkpoint moves between tp sizes section by section."""
+    from tandem.nn.linear import FusedColumnParallelLinear
+
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, FusedColumnParallelLinear) and m.sections > 1:
+            prefix = f"{name}." if name else ""
+            for p in ("weight", "bias"):
+                if getattr(m, p, None) is not None:
+                    out[prefix + p] = m.sections
+    return out
+
+
 def _placements(module: nn.Module) -> dict:
     """{param name: shard dim} for the sharded parameters of TP leaves (others are replicated)."""
     from tandem.nn.embedding import VocabParallelEmbedding
@@ -72,16 +88,22 @@ class _Sharder:
     """Wraps tensors shaped like a sharded parameter as DTensors with the global shape."""
 
     def __init__(self, model: nn.Module):
-        self.placements = _placements(model)
+        self.placements, self.sections = _placements(model), _sections(model)
         self.meshes: dict = {}
 
     def __call__(self, name: str, t: torch.Tensor, like: torch.Tensor):
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.tensor import DTensor, Shard
 
-        if name not in self.placements or t.shape != like.shape:
+        if t.shape != like.shape:
+            return t
+        n = self.sections.get(name)
+        if n is not None:  # (n * out/n/tp, ...) viewed as (n, out/n/tp, ...): a view, loads in place
+            t = t.view(n, -1, *t.shape[1:])
+        if name not in self.placements:
             return t
         dim, tp = self.placements[name]
+        dim += n is not None  # the sections' dimension comes first
         key = id(tp.mesh)
         if key not in self.meshes:
             self.meshes[key] = DeviceMesh.from_group(tp.mesh.tp_group, t.device.type)
@@ -107,7 +129,7 @@ def _state_dict(model: nn.Module, params=None) -> dict:
     return sd
 
 
-def _optimizer_state_dict(model: nn.Module, optimizer, params=None) -> dict:
+def _optimizer_state_dict(model: nn.Module, optimizer) -> dict:
     """``optimizer.<param name>.<key>``: the optimizer's state of every parameter it steps
     (created first, zero, when it has not stepped yet), sharded like the parameter."""
     init_optimizer_state(optimizer)

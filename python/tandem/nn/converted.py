@@ -3,8 +3,8 @@
 They keep the full-weight layout of the module they replace, so ``full_state_dict()`` of a
 converted model has the original model's keys and shapes:
 
-    FusedColumnParallelLinear  nn.Linear whose output is [q; k; v] (equal sections): each
-                               section is split over tp, rank r holds [q_r; k_r; v_r]
+    FusedColumnParallelLinear  (tandem.nn.linear) nn.Linear whose output is [q; k; v] (equal
+                               sections): each section is split over tp, rank r holds [q_r; k_r; v_r]
     ColumnParallelConv1D       transformers' Conv1D (weight [in, out], x @ W + b), column-parallel,
                                with optional equal sections (GPT-2's fused c_attn)
     RowParallelConv1D          the same Conv1D, row-parallel
@@ -28,58 +28,10 @@ from tandem.mesh import Mesh
 from tandem.nn import _collectives as C
 from tandem.nn._tp import TPInfo, init_device, linear_init_
 from tandem.nn.embedding import VocabParallelEmbedding
-from tandem.nn.linear import ColumnParallelLinear, RowParallelLinear
+from tandem.nn.linear import ColumnParallelLinear, FusedColumnParallelLinear, RowParallelLinear
 
-__all__ = ["FusedColumnParallelLinear", "ColumnParallelConv1D", "RowParallelConv1D", "ReplicatedKVProjection",
+__all__ = ["ColumnParallelConv1D", "RowParallelConv1D", "ReplicatedKVProjection",
            "PaddedVocabParallelEmbedding"]
-
-
-def _shard_sections(full: Tensor, sections: int, tp: TPInfo) -> Tensor:
-    """[out, ...] = [s_0; ...; s_{n-1}] -> this rank's [s_0 slice; ...; s_{n-1} slice], [out/tp, ...]."""
-    per = full.shape[0] // sections
-    local = per // tp.size
-    parts = full.view(sections, per, *full.shape[1:]).narrow(1, tp.rank * local, local)  # (n, per/tp, ...)
-    return parts.reshape(sections * local, *full.shape[1:])
-
-
-def _unshard_sections(gathered: Tensor, sections: int, tp: int) -> Tensor:
-    """The rank-ordered all-gather [tp * out/tp, ...] back to the section order [out, ...]."""
-    rest = gathered.shape[1:]
-    local = gathered.shape[0] // (tp * sections)
-    g = gathered.view(tp, sections, local, *rest).transpose(0, 1)  # (n, tp, out/(n tp), ...)
-    return g.reshape(gathered.shape[0], *rest)
-
-
-class FusedColumnParallelLinear(ColumnParallelLinear):
-    """A ColumnParallelLinear whose output is ``sections`` equal parts, each split over tp.
-
-    For a fused [q; k; v] projection (sections=3) rank r computes [q_r; k_r; v_r]: the q, k and
-    v columns of the same heads. Output [..., out/tp] (never gathered: the sections interleave).
-    Full weight [out, in] as nn.Linear.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sections: int,
-                 mesh: Optional[Mesh] = None, device=None, dtype=None):
-        tp = TPInfo(mesh).size
-        if sections < 1 or out_features % (sections * tp):
-            raise ValueError(f"{type(self).__name__}: out_features={out_features} is not {sections} equal sections "
-                             f"each divisible by the tensor-parallel degree tp={tp}; use a multiple of {sections * tp}")
-        self.sections = sections
-        super().__init__(in_features, out_features, bias, mesh=mesh, device=device, dtype=dtype)
-
-    @torch.no_grad()
-    def load_full_state_dict(self, sd: dict) -> None:
-        self.weight.copy_(_shard_sections(sd["weight"], self.sections, self.tp))
-        if self.bias is not None:
-            self.bias.copy_(_shard_sections(sd["bias"], self.sections, self.tp))
-
-    @torch.no_grad()
-    def full_state_dict(self) -> dict:
-        sd = super().full_state_dict()  # (tp * out/tp, ...) in rank order
-        return {k: _unshard_sections(v, self.sections, self.tp.size) for k, v in sd.items()}
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, sections={self.sections}"
 
 
 class ColumnParallelConv1D(FusedColumnParallelLinear):

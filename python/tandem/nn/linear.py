@@ -21,7 +21,7 @@ from tandem.nn import _collectives as C
 from tandem.nn import wgrad as W
 from tandem.nn._tp import TPInfo, check_divisible, new_param, reset_linear_, shard
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear"]
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "FusedColumnParallelLinear"]
 
 _ACTIVATIONS = {None: None, "gelu": "none", "gelu_tanh": "tanh"}  # -> approximate
 
@@ -160,3 +160,52 @@ class RowParallelLinear(nn.Module):
         return (f"in_features={self.in_features} (local {self.local_in}), out_features={self.out_features}, "
                 f"tp={self.tp.size}, bias={self.bias is not None}, overlap_chunks={self.overlap_chunks}, "
                 f"sequence_parallel={self.sequence_parallel}")
+
+
+def _shard_sections(full: Tensor, sections: int, tp: TPInfo) -> Tensor:
+    """[out, ...] = [s_0; ...; s_{n-1}] -> this rank's [s_0 slice; ...; s_{n-1} slice], [out/tp, ...]."""
+    per = full.shape[0] // sections
+    local = per // tp.size
+    parts = full.view(sections, per, *full.shape[1:]).narrow(1, tp.rank * local, local)  # (n, per/tp, ...)
+    return parts.reshape(sections * local, *full.shape[1:])
+
+
+def _unshard_sections(gathered: Tensor, sections: int, tp: int) -> Tensor:
+    """The rank-ordered all-gather [tp * out/tp, ...] back to the section order [out, ...]."""
+    rest = gathered.shape[1:]
+    local = gathered.shape[0] // (tp * sections)
+    g = gathered.view(tp, sections, local, *rest).transpose(0, 1)  # (n, tp, out/(n tp), ...)
+    return g.reshape(gathered.shape[0], *rest)
+
+
+class FusedColumnParallelLinear(ColumnParallelLinear):
+    """A ColumnParallelLinear whose output is ``sections`` equal parts, each split over tp.
+
+    For a fused [q; k; v] projection (sections=3) rank r computes [q_r; k_r; v_r]: the q, k and
+    v columns of the same heads; for SwiGLU's [gate; up] (sections=2), the matching gate and up
+    columns, so silu(gate) * up needs no communication. Output [..., out/tp] (never gathered:
+    the sections interleave). Full weight [out, in] as nn.Linear.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, sections: int,
+                 mesh: Optional[Mesh] = None, device=None, dtype=None, **kwargs):
+        tp = TPInfo(mesh).size
+        if sections < 1 or out_features % (sections * tp):
+            raise ValueError(f"{type(self).__name__}: out_features={out_features} is not {sections} equal sections "
+                             f"each divisible by the tensor-parallel degree tp={tp}; use a multiple of {sections * tp}")
+        self.sections = sections
+        super().__init__(in_features, out_features, bias, mesh=mesh, device=device, dtype=dtype, **kwargs)
+
+    @torch.no_grad()
+    def load_full_state_dict(self, sd: dict) -> None:
+        self.weight.copy_(_shard_sections(sd["weight"], self.sections, self.tp))
+        if self.bias is not None:
+            self.bias.copy_(_shard_sections(sd["bias"], self.sections, self.tp))
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict:
+        sd = super().full_state_dict()  # (tp * out/tp, ...) in rank order
+        return {k: _unshard_sections(v, self.sections, self.tp.size) for k, v in sd.items()}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sections={self.sections}"

@@ -13,52 +13,12 @@ from tandem.mesh import Mesh
 from tandem.nn import _collectives as C
 from tandem.nn import wgrad as W
 from tandem.nn.wgrad import weight_grad
-from tandem.nn.linear import ColumnParallelLinear, RowParallelLinear
-from tandem.nn._tp import TPInfo, check_divisible, shard
+from tandem.nn.linear import ColumnParallelLinear, FusedColumnParallelLinear, RowParallelLinear
 from tandem.nn.state import FullStateDictMixin
 
-__all__ = ["ParallelMLP", "GatedColumnParallelLinear", "ACTIVATIONS"]
+__all__ = ["ParallelMLP", "ACTIVATIONS"]
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
-
-
-class GatedColumnParallelLinear(ColumnParallelLinear):
-    """SwiGLU's gate and up projections as one column-parallel GEMM.
-
-    Full weight [2*ffn, h] = [gate; up] (each as nn.Linear(h, ffn)); rank r holds
-    [gate rows of shard r; up rows of shard r] = [2*ffn/tp, h], so its output halves are the
-    matching gate and up columns: silu(gate) * up needs no communication.
-    """
-
-    def __init__(self, in_features: int, ffn_features: int, bias: bool = True, **kwargs):
-        check_divisible("GatedColumnParallelLinear", "ffn_features", ffn_features, TPInfo(kwargs.get("mesh")).size)
-        super().__init__(in_features, 2 * ffn_features, bias, **kwargs)
-        self.ffn_features = ffn_features
-
-    def _split(self, full, tp):
-        # (2*ffn, ..) -> (2, ffn, ..) -> this rank's (2, ffn/tp, ..) -> (2*ffn/tp, ..)
-        halves = full.reshape(2, full.shape[0] // 2, *full.shape[1:])
-        return shard(halves, 1, tp).reshape(-1, *full.shape[1:])
-
-    @torch.no_grad()
-    def load_full_state_dict(self, sd: dict) -> None:
-        self.weight.copy_(self._split(sd["weight"], self.tp))
-        if self.bias is not None:
-            self.bias.copy_(self._split(sd["bias"], self.tp))
-
-    @torch.no_grad()
-    def full_state_dict(self) -> dict:
-        comm = self.tp.comm
-        out = {}
-        for k, v in self.named_parameters():
-            v = v.detach()
-            if comm is None:
-                out[k] = v.clone()
-                continue
-            g = C.all_gather(v, comm, 0)  # (2*ffn/tp, ..) -> (tp * 2 * ffn/tp, ..)
-            g = g.reshape(comm.size, 2, -1, *v.shape[1:]).transpose(0, 1)  # (2, tp, ffn/tp, ..)
-            out[k] = g.reshape(-1, *v.shape[1:]).contiguous()
-        return out
 
 
 class _MLPShard(Function):
@@ -108,7 +68,7 @@ class ParallelMLP(FullStateDictMixin, nn.Module):
         common = dict(mesh=mesh, device=device, dtype=dtype, sequence_parallel=sequence_parallel)
         self.activation = activation
         if activation == "swiglu":
-            self.fc1 = GatedColumnParallelLinear(hidden_size, ffn_hidden_size, bias, **common)
+            self.fc1 = FusedColumnParallelLinear(hidden_size, 2 * ffn_hidden_size, bias, sections=2, **common)
         else:
             self.fc1 = ColumnParallelLinear(hidden_size, ffn_hidden_size, bias, activation=activation, **common)
         self.fc2 = RowParallelLinear(ffn_hidden_size, hidden_size, bias, overlap_chunks=overlap_chunks, **common)
