@@ -8,7 +8,7 @@ stderr and exit code 2.
 import json
 import os
 
-from tandem.cli import common
+from tandem.cli import common, train_options
 
 SCHEDULES = {"gpipe": "GPipe", "1f1b": "OneFOneB", "interleaved": "Interleaved1F1B", "zb-h1": "ZeroBubbleH1"}
 MODELS = {
@@ -38,6 +38,7 @@ def add_parser(sub):
     p.add_argument("--check", action="store_true", help="also train the tp=pp=dp=1 reference on the same data "
                    "and report the largest loss difference")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any rank waits for another")
+    train_options.add_options(p)
     p.set_defaults(run=run)
 
 
@@ -120,6 +121,7 @@ def validate(args):
         if units < schedule.num_stages:
             raise common.UsageError(f"the model has {units} layers (embedding + {cfg.num_layers} blocks + head), "
                                     f"fewer than the {schedule.num_stages} pipeline stages of {args.schedule}")
+    train_options.validate_job(args, cfg, dp)
     return cfg, tp, pp, dp, world
 
 
@@ -128,8 +130,9 @@ def run(args) -> int:
         cfg, tp, pp, dp, world = validate(args)
     except common.UsageError as e:
         common.fail(str(e))
-    if world > 1 and not common.under_launcher():
-        return common.relaunch(world, args.argv)
+    if (world > 1 or args.max_restarts) and not common.under_launcher():
+        return common.relaunch(world, args.argv, max_restarts=args.max_restarts,
+                               env={train_options.VALIDATED_ENV: "1"})
     from tandem.cli.train_loop import train
 
     return train(args, cfg, tp, pp, dp)
