@@ -36,6 +36,9 @@ def relaunch(nproc: int, argv: list, *, max_restarts: int = 0, env: Optional[dic
            f"--max-restarts={max_restarts}", "--tee=0", "-m", "tandem", *argv]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONUNBUFFERED="1", **(env or {}))
+    # restarted workers must not share the launcher's store with the workers they replace:
+    # they would read the dead ones' addresses (pytorch/pytorch#135712)
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:
