@@ -15,6 +15,9 @@ MODELS = {
     "tiny": dict(vocab_size=64, max_seq_len=32, num_layers=4, hidden_size=64, num_heads=4, ffn_hidden_size=256),
     "small": dict(vocab_size=256, max_seq_len=128, num_layers=8, hidden_size=256, num_heads=8,
                   ffn_hidden_size=1024),
+    # byte-level Llama-class (RMSNorm, RoPE, SwiGLU, GQA): the demo's model of real text
+    "byte-llama": dict(vocab_size=256, max_seq_len=256, num_layers=4, hidden_size=128, num_heads=4, num_kv_heads=2,
+                       ffn_hidden_size=352, norm="rmsnorm", position="rope", activation="swiglu", bias=False),
 }
 
 
@@ -29,7 +32,8 @@ def add_parser(sub):
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step per dp replica")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--model", default="tiny", help="tiny, small, or a GPTConfig as JSON (a file or a string)")
+    p.add_argument("--model", default="tiny", help="tiny, small, byte-llama, or a GPTConfig as JSON (a file or a "
+                   "string)")
     p.add_argument("--init-from", default=None, metavar="HF_DIR",
                    help="start from a Hugging Face model's weights and config (Llama, Mistral, Qwen2, GPT-2); "
                    "each rank reads only its shards")

@@ -136,7 +136,8 @@ class Job:
         mesh = self.mesh
         return {"kind": _KIND, "config": dict(self.cfg.__dict__), "step": step, "schedule": self.schedule.state_dict(),
                 "data": _data_position(self.args, self.cfg, mesh.dp, self.train_data),
-                "layout": {"tp": mesh.tp, "pp": mesh.pp, "dp": mesh.dp}, "tp": mesh.tp, "pp": mesh.pp, "dp": mesh.dp}
+                "layout": {"tp": mesh.tp, "pp": mesh.pp, "dp": mesh.dp}, "tp": mesh.tp, "pp": mesh.pp, "dp": mesh.dp,
+                "tokenizer": (self.train_data.meta or {}).get("tokenizer") if self.train_data is not None else None}
 
     def save(self, step: int) -> str:
         """Write the checkpoint after ``step`` steps (collective); prune to --keep."""
