@@ -15,8 +15,10 @@ attempt (not after a restart). It exists to test restarts; never set it otherwis
 """
 
 import os
+import random
 import signal
 
+import numpy as np
 import torch
 
 from tandem.cli import common
@@ -42,8 +44,12 @@ def _data_position(args, cfg, dp: int, train) -> dict:
     return pos
 
 
+def _show(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else repr(v)
+
+
 def _differences(saved: dict, mine: dict) -> list:
-    return [f"{k} {saved.get(k)!r} (checkpoint) vs {mine.get(k)!r}" for k in sorted(set(saved) | set(mine))
+    return [f"{k} {_show(saved.get(k))} (checkpoint) vs {_show(mine.get(k))}" for k in sorted(set(saved) | set(mine))
             if saved.get(k) != mine.get(k)]
 
 
@@ -92,6 +98,10 @@ class Job:
             accum=self.accum, seed=args.seed)
         self.kill = _kill_spec()
         self.saved_step = None
+        # NumPy's and Python's generators too start from (seed, rank), not from the OS: a run
+        # is reproducible whatever draws from them (torch's is seeded where the model is built)
+        np.random.seed((args.seed * 1_000_003 + mesh.rank) % 2 ** 32)
+        random.seed(args.seed * 1_000_003 + mesh.rank)
 
     # --- data ---------------------------------------------------------------------------------
     def batch(self, step: int, micro: int = 0):
