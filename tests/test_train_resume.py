@@ -81,7 +81,8 @@ def test_resume_tp2_pp2_is_bitwise_and_moves_to_another_layout(tmp_path, text, c
     assert ma["unigram_entropy"] > 2 and "step 11/40 | loss" in ra.stdout and "\r" not in ra.stdout
     assert f"validation loss {ma['eval'][1]['val_loss']:.4f} vs unigram entropy" in ra.stdout
     mem = ma["memory"]["ranks"]
-    assert len(mem) == 4 and all(m["params"] > 0 and m["optimizer"] >= 2 * m["params"] for m in mem)
+    assert len(mem) == 4 and all(m["params"] > 0 and m["grads"] == m["params"] and m["optimizer"] >= 2 * m["params"]
+                                 and m["activations"] > 0 for m in mem)
     assert len(open(a / "metrics.jsonl").read().splitlines()) == 42  # 40 steps, 2 evaluations
 
     # 20 steps, a new process, --resume, 20 more: every loss and every tensor bitwise equal
@@ -117,8 +118,10 @@ def test_resume_tp2_pp2_is_bitwise_and_moves_to_another_layout(tmp_path, text, c
 
 def test_a_killed_rank_restarts_and_continues_bitwise_pp2_dp2(tmp_path, text):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    _, ms = _train(straight, text, "--pp", "2", "--dp", "2")
-    r, mk = _train(killed, text, "--pp", "2", "--dp", "2", "--save-every", "10", "--max-restarts", "1",
+    accumulate = ["--batch-size", "4", "--grad-accum", "2"]  # 2 passes of 4 sequences per replica and step
+    _, ms = _train(straight, text, "--pp", "2", "--dp", "2", *accumulate, "--check")
+    assert ms["check"]["max_loss_diff"] < 1e-5  # the same steps on one process, 16 sequences at once
+    r, mk = _train(killed, text, "--pp", "2", "--dp", "2", *accumulate, "--save-every", "10", "--max-restarts", "1",
                    env={"TANDEM_TEST_KILL": "1:25"})
     assert [(x["step"], x["restart"]) for x in mk["resumes"]] == [(20, 1)]  # restarted once, at step 20
     assert "resumed from" in r.stdout and "(restart 1)" in r.stdout

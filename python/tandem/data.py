@@ -21,7 +21,6 @@ disjoint windows, and every window is read once per epoch.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional

@@ -22,22 +22,25 @@ MODELS = {
 
 
 def add_parser(sub):
-    p = sub.add_parser("train", help="train a GPT under TP x PP x DP on a synthetic task")
+    p = sub.add_parser("train", help="train a GPT under TP x PP x DP on token files (or a synthetic task)",
+                       description="Train tandem's GPT under TP x PP x DP on a token file (see `tandem "
+                       "prepare-data`) or the synthetic task; checkpoints, resume and restarts for long jobs.")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: nproc / (tp*pp))")
     p.add_argument("--nproc", type=int, default=None, help="processes to launch (default: tp*pp*dp)")
     p.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES), help="pipeline schedule")
     p.add_argument("--microbatches", type=int, default=None, help="microbatches per step (default: 2*pp)")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per step per dp replica")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps of the whole run (default 150)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per dp replica per forward/backward pass "
+                   "(a step makes --grad-accum of them; default 16)")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW's peak learning rate (default 3e-3)")
     p.add_argument("--model", default="tiny", help="tiny, small, byte-llama, or a GPTConfig as JSON (a file or a "
                    "string)")
     p.add_argument("--init-from", default=None, metavar="HF_DIR",
                    help="start from a Hugging Face model's weights and config (Llama, Mistral, Qwen2, GPT-2); "
                    "each rank reads only its shards")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initial weights and the data order (default 0)")
     p.add_argument("--out", default="runs/train", help="output directory")
     p.add_argument("--check", action="store_true", help="also train the tp=pp=dp=1 reference on the same data "
                    "and report the largest loss difference")

@@ -1,6 +1,5 @@
 """The training loop of `tandem train`, run on every rank."""
 
-import os
 import time
 
 import torch

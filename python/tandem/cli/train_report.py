@@ -46,6 +46,7 @@ class Reporter:
         self.path = os.path.join(args.out, "metrics.jsonl")
         self.bar = None
         self.tty = sys.stderr.isatty()
+        self.peak_memory = None
 
     # --- the log of records -------------------------------------------------------------------
     def begin(self, start: int, resumed_from) -> None:
@@ -115,7 +116,10 @@ class Reporter:
 
     def step(self, step: int, loss: float, lr: float, seconds: float, grad_norm=None) -> None:
         """Record step ``step`` (collective: the memory peak is the largest over ranks)."""
-        peak = torch.tensor([float(self.memory()["peak"])], dtype=torch.float64)
+        mem = self.memory()
+        if self.peak_memory is None or mem["peak"] >= self.peak_memory["peak"]:
+            self.peak_memory = mem  # the breakdown at this rank's peak (gradients included)
+        peak = torch.tensor([float(mem["peak"])], dtype=torch.float64)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # (1,) over every rank
         if not self.rank0:
@@ -169,8 +173,8 @@ class Reporter:
             self.log.close()
 
     def memory_per_rank(self) -> list:
-        """Every rank's memory breakdown (collective), on rank 0."""
-        mine = {"rank": self.mesh.rank, **self.memory()}
+        """Every rank's memory breakdown at its peak step (collective), on rank 0."""
+        mine = {"rank": self.mesh.rank, **(self.peak_memory or self.memory())}
         everyone = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
         if dist.is_initialized():
             dist.all_gather_object(everyone, mine)
