@@ -125,6 +125,12 @@ def validate_job(args, cfg, dp: int) -> None:
             data.eval_starts(len(val), cfg.max_seq_len, args.eval_batches * args.batch_size * dp)
         except data.DataError as e:
             raise common.UsageError(f"--eval-batches {args.eval_batches}: {e}")
+    if args.max_restarts and common.under_launcher() and common.is_rank0() \
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) < args.max_restarts:
+        import sys
+
+        print("tandem: note: under torchrun, --max-restarts is torchrun's option (with "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1); a restarted worker resumes by itself", file=sys.stderr)
     if args.resume is not None and not validated:
         from tandem.cli.train_job import check_resumable
 
