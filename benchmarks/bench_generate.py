@@ -14,6 +14,10 @@ already works on group i + 1). Per case, the median over the rounds after warm-u
             mean over the requests
     e2e     the whole generate call, on the slowest rank
     tok/s   requests x new tokens / e2e
+    cores   CPU time of the layout's ranks (each process, its communication threads included)
+            over e2e: how many cores the call kept busy. One rank at a time computes in a
+            pipeline with one batch; pp groups in flight can keep pp ranks busy, when the
+            machine has cores to spare (on a loaded machine they queue for them)
     #wrong  requests whose greedy tokens differ from the single-device model's
             (GPT.generate, the same full weights), in a float64 run before timing
 
@@ -42,7 +46,7 @@ from worlds import Worlds  # noqa: E402
 
 __all__ = ["Layout", "Case", "parse_layouts", "cases", "request_times", "summarize", "compare", "shows"]
 
-METRICS = ("ttft_ms", "tpot_ms", "last_ms", "e2e_ms")
+METRICS = ("ttft_ms", "tpot_ms", "last_ms", "e2e_ms")  # per call, from the ranks' clocks
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ def summarize(layout: Layout, case: Case, samples: list, new_tokens: int, wrong:
     """One table row: the median of each metric over the rounds, tok/s from the median e2e."""
     row = {"layout": layout.name, "tp": layout.tp, "pp": layout.pp, "ranks": layout.world,
            "requests": case.requests, "groups": case.groups, "rounds": len(samples), "wrong": wrong}
-    for key in METRICS:
+    for key in (*METRICS, "cores"):
         row[key] = statistics.median(s[key] for s in samples)
     row["tokens_per_s"] = case.requests * new_tokens / (row["e2e_ms"] * 1e-3)
     return row
@@ -245,17 +249,19 @@ class LayoutRank:
                 stamps.setdefault(r, []).append(now)
 
         dist.barrier()
-        t0 = time.perf_counter()
+        cpu0, t0 = time.process_time(), time.perf_counter()
         out = generate(self.stage, self.prompt[:case.requests], n, mesh=self.mesh, num_microbatches=case.groups,
                        on_token=on_token, timeout=self.args.timeout)
-        e2e = time.perf_counter() - t0
+        e2e, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         if tuple(out.shape) != (case.requests, self.args.prompt_len + n):
             raise RuntimeError(f"{self.layout.name}: generate returned {tuple(out.shape)}")
         times = request_times(stamps, t0, n, case.requests) if stamps else dict.fromkeys(METRICS, 0.0)
         # the last stage has the token times, every rank its e2e: the maximum of each
         vec = torch.tensor([times["ttft_ms"], times["tpot_ms"], times["last_ms"], e2e * 1e3], dtype=torch.float64)
         dist.all_reduce(vec, op=dist.ReduceOp.MAX)
-        return dict(zip(METRICS, vec.tolist()))
+        busy = torch.tensor([cpu / e2e], dtype=torch.float64)  # cores this rank kept busy
+        dist.all_reduce(busy)  # summed over the layout's ranks
+        return {**dict(zip(METRICS, vec.tolist())), "cores": float(busy)}
 
 
 def _setup(spec, rank):
@@ -341,11 +347,11 @@ def main(argv=None) -> int:
                           common.Column("requests", width=8), common.Column("groups", width=6),
                           common.Column("ttft", "ms", 9, ".2f"), common.Column("tpot", "ms", 9, ".2f"),
                           common.Column("e2e", "ms", 9, ".1f"), common.Column("tok/s", "", 9, ".1f"),
-                          common.Column("#wrong", width=6)])
+                          common.Column("cores", "busy", 6, ".2f"), common.Column("#wrong", width=6)])
     print(table.header())
     for row in rows:
         print(table.row([row["layout"], row["tp"], row["pp"], row["ranks"], row["requests"], row["groups"],
-                         row["ttft_ms"], row["tpot_ms"], row["e2e_ms"], row["tokens_per_s"], row["wrong"]]))
+                         row["ttft_ms"], row["tpot_ms"], row["e2e_ms"], row["tokens_per_s"], row["cores"], row["wrong"]]))
     comparisons = compare(rows)
     notes = []
     for c in comparisons:

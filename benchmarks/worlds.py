@@ -74,10 +74,16 @@ class Worlds:
         self._outbox = self._ctx.Queue()
         self._procs: dict = {}  # name -> [(process, inbox)] by rank
         self._tmp = None
+        self._failed = False  # a rank failed: its peers may wait on it, close kills them at once
         self.info: dict = {}  # name -> rank 0's state.info
 
     def __enter__(self) -> "Worlds":
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self._failed = True
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -118,6 +124,13 @@ class Worlds:
     def _receive(self, name: str, kind: str):
         """The next ``kind`` message of world ``name``: (rank, payload). Raises WorldError
         on any rank's error, on a rank that died, and after the timeout."""
+        try:
+            return self._next(name, kind)
+        except WorldError:
+            self._failed = True
+            raise
+
+    def _next(self, name: str, kind: str):
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -136,12 +149,13 @@ class Worlds:
                 return rank, payload
 
     def close(self) -> None:
-        """Stop every rank: a clean exit when it can, killed after a grace period."""
+        """Stop every rank: a clean exit when it can, killed after a grace period (at once
+        after a failure, where peers of the failed rank may wait on it)."""
         for ranks in self._procs.values():
             for proc, inbox in ranks:
                 if proc.is_alive():
                     inbox.put(None)
-        deadline = time.monotonic() + 10.0
+        deadline = time.monotonic() + (0.0 if self._failed else 10.0)
         for ranks in self._procs.values():
             for proc, _ in ranks:
                 proc.join(timeout=max(0.1, deadline - time.monotonic()))
