@@ -163,8 +163,9 @@ def shows(comparisons: list) -> list:
     latency = [c[k] for c in comparisons for k in ("ttft_ratio", "tpot_ratio")]
     throughput = [c["throughput_ratio"] for c in comparisons if c["throughput_ratio"] is not None]
     most = comparisons[0]["requests"] if comparisons else None
+    requests = f"{most} request{'' if most == 1 else 's'}"
     return [{"claim": "PP adds latency to a single request", "verdict": _verdict(latency), "values": latency},
-            {"claim": f"PP pays off in throughput with {most} requests in flight", "verdict": _verdict(throughput),
+            {"claim": f"PP pays off in throughput with {requests} in flight", "verdict": _verdict(throughput),
              "values": throughput}]
 
 
@@ -315,23 +316,22 @@ def _arguments(argv=None):
     return args, layouts
 
 
-def main(argv=None) -> int:
-    args, layouts = _arguments(argv)
-    load_start = os.getloadavg()
-    t_start = time.perf_counter()
-    rows, samples = [], {}
+def _measure(args, layouts) -> tuple:
+    """Every layout's worlds, warm-up rounds, then timed rounds: -> (env, table rows)."""
+    samples = {}
     with Worlds({lay.name: (lay.world, (args, lay)) for lay in layouts}, _setup, timeout=args.timeout) as worlds:
         # every world is forked before this process touches torch's thread pools (environment())
+        params = worlds.info[layouts[0].name]["params"]
         env = common.environment(torch.device("cpu"), dtype=torch.float32, warmup=args.warmup, iters=args.iters,
                                  world_size=max(lay.world for lay in layouts), backend="gloo",
                                  layouts=" ".join(lay.name for lay in layouts),
                                  model=(f"Llama-class L={args.layers} h={args.hidden} heads={args.heads} "
                                         f"kv_heads={args.kv_heads} ffn={args.ffn} V={args.vocab} "
-                                        f"({worlds.info[layouts[0].name]['params'] / 1e6:.1f}M params, random)"),
+                                        f"({params / 1e6:.1f}M params, random)"),
                                  requests=f"1 and {args.requests}, prompt {args.prompt_len} tokens, "
                                           f"{args.new_tokens} new (greedy)",
                                  threads_per_rank=args.threads,
-                                 loadavg=" ".join(f"{v:.2f}" for v in load_start))
+                                 loadavg=" ".join(f"{v:.2f}" for v in os.getloadavg()))
         common.print_header("bench_generate: time to first token, time per output token, tokens/s per layout", env)
         for r in range(args.warmup + args.iters):
             for lay in layouts:
@@ -339,20 +339,12 @@ def main(argv=None) -> int:
                     got = worlds.run(lay.name, i)
                     if r >= args.warmup:
                         samples.setdefault((lay, case), []).append(got)
-    for lay in layouts:
-        for i, case in enumerate(cases(lay, args.requests)):
-            rows.append(summarize(lay, case, samples[(lay, case)], args.new_tokens, worlds.info[lay.name]["wrong"][i]))
-    table = common.Table([common.Column("layout", width=9), common.Column("tp", width=3),
-                          common.Column("pp", width=3), common.Column("ranks", width=5),
-                          common.Column("requests", width=8), common.Column("groups", width=6),
-                          common.Column("ttft", "ms", 9, ".2f"), common.Column("tpot", "ms", 9, ".2f"),
-                          common.Column("e2e", "ms", 9, ".1f"), common.Column("tok/s", "", 9, ".1f"),
-                          common.Column("cores", "busy", 6, ".2f"), common.Column("#wrong", width=6)])
-    print(table.header())
-    for row in rows:
-        print(table.row([row["layout"], row["tp"], row["pp"], row["ranks"], row["requests"], row["groups"],
-                         row["ttft_ms"], row["tpot_ms"], row["e2e_ms"], row["tokens_per_s"], row["cores"], row["wrong"]]))
-    comparisons = compare(rows)
+    rows = [summarize(lay, case, samples[(lay, case)], args.new_tokens, worlds.info[lay.name]["wrong"][i])
+            for lay in layouts for i, case in enumerate(cases(lay, args.requests))]
+    return env, rows
+
+
+def _notes(comparisons: list, verdicts: list) -> list:
     notes = []
     for c in comparisons:
         notes.append(f"# compare  {c['layout']} vs {c['base']}, 1 request: ttft {c['ttft_ratio']:.2f}x, "
@@ -362,15 +354,36 @@ def main(argv=None) -> int:
                          f"{c['throughput_ratio']:.2f}x with {c['groups']} groups in flight against {c['base']} "
                          f"as one batch (above 1: PP pays off); {c['groups_vs_batch']:.2f}x against "
                          f"{c['layout']} as one batch")
-    verdicts = shows(comparisons)
     for v in verdicts:
         values = ", ".join(f"{x:.2f}x" for x in v["values"])
         notes.append(f"# shows    {v['claim']}: {v['verdict']}" + (f" ({values})" if values else ""))
-    load_end = os.getloadavg()
-    env["loadavg_end"] = " ".join(f"{v:.2f}" for v in load_end)
-    wrong = sum(r["wrong"] for r in rows)
+    return notes
+
+
+TABLE = common.Table([common.Column("layout", width=9), common.Column("tp", width=3), common.Column("pp", width=3),
+                      common.Column("ranks", width=5), common.Column("requests", width=8),
+                      common.Column("groups", width=6), common.Column("ttft", "ms", 9, ".2f"),
+                      common.Column("tpot", "ms", 9, ".2f"), common.Column("e2e", "ms", 9, ".1f"),
+                      common.Column("tok/s", "", 9, ".1f"), common.Column("cores", "busy", 6, ".2f"),
+                      common.Column("#wrong", width=6)])
+COLUMNS = ("layout", "tp", "pp", "ranks", "requests", "groups", "ttft_ms", "tpot_ms", "e2e_ms", "tokens_per_s",
+           "cores", "wrong")
+
+
+def main(argv=None) -> int:
+    args, layouts = _arguments(argv)
+    t_start = time.perf_counter()
+    env, rows = _measure(args, layouts)
+    print(TABLE.header())
+    for row in rows:
+        print(TABLE.row([row[k] for k in COLUMNS]))
+    comparisons = compare(rows)
+    verdicts = shows(comparisons)
+    notes = _notes(comparisons, verdicts)
+    env["loadavg_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     notes.append(f"# load average {env['loadavg']} at the start, {env['loadavg_end']} at the end; "
                  f"{time.perf_counter() - t_start:.0f} s")
+    wrong = sum(r["wrong"] for r in rows)
     common.report("bench_generate", args, env, rows, [], rank=0, wrong=wrong, notes=tuple(notes),
                   comparisons=comparisons, shows=verdicts)
     return 0 if wrong == 0 else 1
