@@ -11,9 +11,10 @@ can interleave its layouts round by round: drift of the machine's load hits them
 
 Forking is safe here because this process does no torch computation before it forks (no
 thread pool has started); the ranks run on CPU with gloo. The ranks stay in this process's
-session: where the kernel shares a busy machine's CPUs per session (Linux autogroup), the
-whole run gets one session's share, the same for every layout, whatever its rank count
-(a benchmark reports the cores each call kept busy to show what it got). Every wait has a timeout; a rank
+session (where the kernel shares a busy machine's CPUs per session, Linux autogroup, the
+run competes as one session whatever a layout's rank count). On a busy machine the
+scheduler decides how many cores a layout gets: a benchmark should report the cores each
+call kept busy, to show what it got. Every wait has a timeout; a rank
 that raises makes the next call raise with its traceback, and `close` (or leaving the
 ``with`` block) stops every rank, killing those that do not exit in time.
 """
