@@ -9,9 +9,12 @@
 
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include "ops/linear_gelu.h"
+#include "ops/lt_policy.h"
 
 namespace tandem::ops {
 
@@ -82,23 +85,27 @@ uint32_t alignment_of(const void* p) {
 }
 
 constexpr size_t kWorkspaceBytes = 32 << 20;  // what cuBLASLt asks for on Hopper
+constexpr int kHeuristicResults = 8;          // candidates kept per problem, best first
 
-// The algorithm the heuristic picks depends on the problem (device, sizes, dtype, epilogue)
-// and on the operands' alignments (it may pick kernels that assume 256-byte alignment):
-// ask once per problem and alignment.
+// The algorithms the heuristic offers depend on the problem (device, sizes, dtype,
+// epilogue) and on the operands' alignments (it may pick kernels that assume 256-byte
+// alignment): ask once per problem and alignment, keep its candidates in order.
 using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, uint32_t>;
-struct CachedAlgo {
-  bool found = false;  // false: cuBLASLt has no (working) kernel for the problem
-  cublasLtMatmulAlgo_t algo{};
+struct CachedAlgos {
+  std::vector<cublasLtMatmulAlgo_t> algos;  // empty: cuBLASLt has no kernel for the problem
 };
 struct AlgoCache {
   static constexpr size_t kMaxEntries = 4096;  // problems with ever new sizes (decoding) start over
   std::mutex mu;
-  std::map<AlgoKey, CachedAlgo> algos;
+  std::map<AlgoKey, CachedAlgos> entries;
 };
 AlgoCache& algo_cache() {
   static AlgoCache cache;
   return cache;
+}
+
+std::string status_text(cublasStatus_t s) {
+  return std::string(cublasLtGetStatusName(s)) + " (" + cublasLtGetStatusString(s) + ")";
 }
 
 }  // namespace
@@ -143,15 +150,23 @@ struct LtGemm {
   void* aux = nullptr;         // GeLU pre-activation, m x n (ld m)
 };
 
-// Returns false, having launched nothing, when cuBLASLt has no kernel for the problem.
+// "m=256 n=64 k=128 bf16 epilogue 3 (GELU_AUX_BIAS) trans_a=1": the problem in errors.
+std::string describe(const LtGemm& g) {
+  return "m=" + std::to_string(g.m) + " n=" + std::to_string(g.n) + " k=" + std::to_string(g.k) + " " +
+         c10::toString(g.dtype) + " epilogue " + std::to_string(static_cast<int>(g.epilogue)) +
+         " trans_a=" + std::to_string(g.trans_a == CUBLAS_OP_T);
+}
+
+// Returns false, having launched nothing, when cuBLASLt has no kernel for the problem
+// (CUBLAS_STATUS_NOT_SUPPORTED or no result: the caller takes the general path). Any other
+// heuristic status raises; a candidate that fails to run is dropped and the next one tried;
+// when every candidate fails it raises (never a silent fallback: see lt_policy.h).
 bool lt_gemm(const LtGemm& g, const at::TensorOptions& options) {
+  TORCH_INTERNAL_ASSERT(cublaslt_epilogue_eligible(g.dtype, Gelu::kTanh), "tandem: lt_gemm got ", g.dtype);
   const cudaDataType_t dt = cuda_type(g.dtype);
   LtDescriptors desc;
-  // fp32 operands follow torch's matmul precision (torch.backends.cuda.matmul.allow_tf32), as
-  // the general path's GEMM does; half types accumulate in fp32
-  const bool tf32 = g.dtype == at::kFloat && at::globalContext().allowTF32CuBLAS();
-  TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&desc.op, tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
-                                                 CUDA_R_32F));
+  // half types accumulate in fp32 (fp32 operands never come here: lt_policy.h)
+  TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&desc.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   const cublasOperation_t trans_b = CUBLAS_OP_N;
   TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, &g.trans_a, sizeof(g.trans_a)));
   TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b, sizeof(trans_b)));
@@ -191,40 +206,54 @@ bool lt_gemm(const LtGemm& g, const at::TensorOptions& options) {
     aligns = aligns * 16 + log2;
   }
   const AlgoKey key{options.device().index(), g.m, g.n, g.k, static_cast<int>(g.dtype),
-                    (static_cast<int>(g.epilogue) * 2 + (g.trans_a == CUBLAS_OP_T)) * 2 + tf32, aligns};
-  CachedAlgo algo;
+                    static_cast<int>(g.epilogue) * 2 + (g.trans_a == CUBLAS_OP_T), aligns};
+  std::vector<cublasLtMatmulAlgo_t> algos;
   {
     AlgoCache& cache = algo_cache();
     std::lock_guard<std::mutex> lock(cache.mu);
-    auto it = cache.algos.find(key);
-    if (it == cache.algos.end()) {
-      cublasLtMatmulHeuristicResult_t heuristic = {};
+    auto it = cache.entries.find(key);
+    if (it == cache.entries.end()) {
+      cublasLtMatmulHeuristicResult_t results[kHeuristicResults] = {};
       int found = 0;
       const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(handle, desc.op, desc.a, desc.b, desc.d, desc.d,
-                                                               desc.pref, 1, &heuristic, &found);
-      CachedAlgo entry;
-      if (hs == CUBLAS_STATUS_SUCCESS && found > 0) {
-        entry.found = true;
-        entry.algo = heuristic.algo;
+                                                               desc.pref, kHeuristicResults, results, &found);
+      CachedAlgos entry;
+      if (hs == CUBLAS_STATUS_SUCCESS) {
+        for (int i = 0; i < found; ++i)
+          if (results[i].state == CUBLAS_STATUS_SUCCESS) entry.algos.push_back(results[i].algo);
       }
-      if (cache.algos.size() >= AlgoCache::kMaxEntries) cache.algos.clear();
-      it = cache.algos.emplace(key, entry).first;
+      const HeuristicOutcome outcome = heuristic_outcome(hs == CUBLAS_STATUS_SUCCESS, hs == CUBLAS_STATUS_NOT_SUPPORTED,
+                                                         static_cast<int>(entry.algos.size()));
+      TORCH_CHECK(outcome != HeuristicOutcome::kError, "tandem: cublasLtMatmulAlgoGetHeuristic failed for ",
+                  describe(g), ": ", status_text(hs), " (a descriptor or layout the fused op got wrong)");
+      if (cache.entries.size() >= AlgoCache::kMaxEntries) cache.entries.clear();
+      it = cache.entries.emplace(key, std::move(entry)).first;
     }
-    algo = it->second;
+    algos = it->second.algos;
   }
-  if (!algo.found) return false;  // cuBLASLt has no kernel for this problem: general path
+  if (algos.empty()) return false;  // cuBLASLt has no kernel for this problem: general path
 
-  // from the caching allocator, stream-ordered: reused, not cudaMalloc'ed, after the first call
+  // From the caching allocator, stream-ordered: reused, not cudaMalloc'ed, after the first
+  // call. Inside a CUDA graph capture it comes from the graph's private pool (the allocator
+  // is capture-aware), so the fused op may be captured; tests/test_linear_gelu_cuda.py
+  // replays one against eager calls.
   auto workspace = at::empty({static_cast<int64_t>(kWorkspaceBytes)}, options.dtype(at::kByte));
   const float alpha = 1.0f, beta = 0.0f;
-  const cublasStatus_t st = cublasLtMatmul(handle, desc.op, &alpha, g.a, desc.a, g.b, desc.b, &beta, g.d, desc.d,
-                                           g.d, desc.d, &algo.algo, workspace.data_ptr(), ws_bytes,
-                                           at::cuda::getCurrentCUDAStream());
-  if (st != CUBLAS_STATUS_SUCCESS) {  // an algorithm it offered but cannot run: general path from now on
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cublasStatus_t last = CUBLAS_STATUS_SUCCESS;
+  std::vector<size_t> failed;
+  const int ran = run_first_working(algos.size(), [&](size_t i) {
+    last = cublasLtMatmul(handle, desc.op, &alpha, g.a, desc.a, g.b, desc.b, &beta, g.d, desc.d, g.d, desc.d,
+                          &algos[i], workspace.data_ptr(), ws_bytes, stream);
+    return last == CUBLAS_STATUS_SUCCESS;
+  }, &failed);
+  TORCH_CHECK(ran >= 0, "tandem: cublasLtMatmul failed with each of the ", algos.size(),
+              " algorithms the heuristic offered for ", describe(g), "; the last: ", status_text(last));
+  if (!failed.empty()) {  // an algorithm offered that cannot run: the next ones first from now on
     AlgoCache& cache = algo_cache();
     std::lock_guard<std::mutex> lock(cache.mu);
-    cache.algos[key].found = false;
-    return false;
+    auto it = cache.entries.find(key);
+    if (it != cache.entries.end()) it->second.algos.assign(algos.begin() + ran, algos.end());
   }
   return true;
 }
