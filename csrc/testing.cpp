@@ -35,18 +35,20 @@ comm::fake::FakeCommunicator& as_fake(const comm::CommunicatorPtr& c) {
 void bind_fake_nccl(py::module_& m) {
   using Release = py::call_guard<py::gil_scoped_release>;
   m.def("fake_nccl_reset",
-        [](const std::string& init_result, bool init_makes_comm, double ready_after_us, double launch_us,
-           bool launch_thread, double abort_block_limit_s) {
+        [](const std::string& init_result, bool init_makes_comm, const std::string& split_error,
+           double ready_after_us, double launch_us, bool launch_thread, double abort_block_limit_s) {
           comm::fake::Script s;
           s.init_result = nccl_result(init_result);
           s.init_makes_comm = init_makes_comm;
+          s.split_error = nccl_result(split_error);
           s.ready_after_us = ready_after_us;
           s.launch_us = launch_us;
           s.launch_thread = launch_thread;
           s.abort_block_limit_s = abort_block_limit_s;
           comm::fake::reset(s);
         },
-        py::arg("init_result") = "in_progress", py::arg("init_makes_comm") = true, py::arg("ready_after_us") = 0.0,
+        py::arg("init_result") = "in_progress", py::arg("init_makes_comm") = true, py::arg("split_error") = "success",
+        py::arg("ready_after_us") = 0.0,
         py::arg("launch_us") = 0.0, py::arg("launch_thread") = true, py::arg("abort_block_limit_s") = 5.0, Release());
   m.def("fake_nccl_calls", &comm::fake::calls, "[(comm id, call), ...] in order");
   m.def("fake_communicator",

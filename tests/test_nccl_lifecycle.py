@@ -198,9 +198,8 @@ def test_a_failed_create_or_split_never_leaks_the_half_made_communicator():
         T.fake_communicator(0, 2, 5.0)
     assert T.fake_nccl_calls() == [(0, "init")]  # nothing made, nothing to abort
 
-    T.fake_nccl_reset()
+    T.fake_nccl_reset(split_error="remote_error")  # the split's async job fails on the parent
     parent = T.fake_communicator(0, 2, 5.0)
-    T.fake_async_error(parent, "remote_error")
     with pytest.raises(_C.CommError, match="ncclCommSplit: NCCL error: remote process exited"):
         parent.fork(5.0)
     calls = T.fake_nccl_calls()

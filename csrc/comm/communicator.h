@@ -71,7 +71,7 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // An orderly end (NCCL: finalize, which waits for this communicator's pending operations
   // on every rank, then destroy); later operations raise CommError. Collective: every rank
   // closes. Past timeout_s the communicator is aborted and CommTimeout raised. Without
-  // close() the destructor aborts (local, never waits for peers).
+  // close() the destructor releases it (local: drains, then destroys; see release()).
   virtual void close(std::optional<double> timeout_s) { abort(); }
   // A local end (NCCL: waits on the host for the operations in flight, until timeout_s or
   // else their own deadlines, then ncclCommDestroy; aborts instead when they do not end in

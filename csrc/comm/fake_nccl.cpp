@@ -103,10 +103,12 @@ ncclResult_t init_rank_config(ncclComm_t* comm, int, ncclUniqueId, int, ncclConf
 ncclResult_t split_comm(ncclComm_t parent, int, int, ncclComm_t* newcomm, ncclConfig_t*) {
   FakeComm* p = as_fake(parent);
   log(p, "split");
+  const Script s = script();
   {
     std::lock_guard<std::mutex> lock(p->mu);
-    p->ready_at = after_us(script().ready_after_us);
+    p->ready_at = after_us(s.ready_after_us);
   }
+  if (s.split_error != ncclSuccess) p->async_error = s.split_error;  // the split's job failed
   *newcomm = as_handle(make_comm());
   return ncclInProgress;
 }

@@ -26,6 +26,7 @@ namespace tandem::comm::fake {
 struct Script {
   ncclResult_t init_result = ncclInProgress;  // what ncclCommInitRankConfig returns
   bool init_makes_comm = true;                // whether it stores a comm before returning
+  ncclResult_t split_error = ncclSuccess;     // what a split's async job leaves on the parent
   double ready_after_us = 0;                  // init / split / finalize: in progress this long
   double launch_us = 0;                       // a group's launch takes this long
   bool launch_thread = true;                  // on a thread per group (as NCCL), or just a delay
