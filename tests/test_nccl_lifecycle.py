@@ -242,3 +242,31 @@ def test_close_finalizes_then_destroys():
     with pytest.raises(_C.CommError, match="the communicator was closed"):
         a.all_reduce(torch.ones(1), "sum")
     a.close(5.0)  # idempotent
+
+
+def test_mesh_host_check_and_abort_cover_the_failure_domain():
+    """Item 6 (and 1): Mesh.synchronize (what PipelineRunner.step() calls before it returns)
+    raises the failure of any communicator sharing the mesh's failure domain; Mesh.abort
+    revokes and aborts the mesh's communicators and their forks together."""
+    from tandem.comm import Communicator
+    from tandem.mesh import Mesh
+
+    mesh = Mesh.single()
+    tp = Communicator(None, _impl=T.fake_communicator(0, 2, 30.0))
+    pp = Communicator(None, _impl=T.fake_communicator(0, 2, 30.0))
+    tp.share_failure_domain(pp)
+    mesh._comms.update(tp=tp, pp=pp)
+    link_fork = Communicator(None, _impl=pp._impl.fork(0.2))
+    other = Communicator(None, _impl=pp._impl.fork(30.0))
+    mesh.synchronize(5.0)  # healthy: returns
+    T.fake_hold(link_fork._impl, True)
+    link_fork.recv(torch.empty(2), 1)
+    time.sleep(0.5)  # the fork's watchdog aborts the receive
+    with pytest.raises(_C.CommError, match="failed before: .*recv of float32\\[2\\].*timed out"):
+        mesh.synchronize(5.0)
+    mesh.abort("a test")
+    for comm in (tp, pp, other):
+        with pytest.raises(_C.CommError, match="aborted|failed before"):
+            comm.all_reduce(torch.ones(1))
+    aborted = {cid for cid, call in T.fake_nccl_calls() if call == "abort"}
+    assert {T.fake_id(c._impl) for c in (tp, pp, other, link_fork)} <= aborted
