@@ -47,6 +47,10 @@ class ActionKind(enum.Enum):
     SEND_B = "SEND_B"
     RECV_B = "RECV_B"
 
+    # members are singletons compared by identity: hash them by identity too, in C (Enum's
+    # own __hash__ is a Python call, and the simulator hashes actions millions of times)
+    __hash__ = object.__hash__
+
     @property
     def is_compute(self) -> bool:
         """True for F, B and W."""

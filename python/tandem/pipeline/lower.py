@@ -190,15 +190,21 @@ def lower(schedule, costs: CostsLike = None) -> dict[int, list[Action]]:
     ``DeadlockError`` when the compute order itself cannot run, ``ScheduleError`` for
     malformed lists.
     """
+    return _lower(schedule, costs)[0]
+
+
+def _lower(schedule, costs: CostsLike) -> tuple[dict[int, list[Action]], _Summary]:
+    """``lower`` and the summary of the lists it checked (valid lowered lists either way)."""
     if isinstance(schedule, Schedule):
         given = schedule._lowered_as_written()
         lists = given if given is not None else schedule.compute_actions()
     else:
         lists = _as_lists(schedule)
     if any(not a.kind.is_compute for lst in lists.values() for a in lst):
-        validate_lowered(lists)
-        return {r: list(lst) for r, lst in lists.items()}
-    layout, _, split = _check_compute(lists)
+        summary = validate_lowered(lists)
+        return {r: list(lst) for r, lst in lists.items()}, summary
+    summary = _check_compute(lists)
+    layout, _, split = summary
     records = _execute(lists, layout, costs, split, explicit_comm=False)
     start = {rec.action: rec.start_s for rec in records}
     ends = {r: [] for r in lists}  # end times of each rank's computes, in list order
@@ -223,4 +229,4 @@ def lower(schedule, costs: CostsLike = None) -> dict[int, list[Action]]:
             seq += sends[r, i]
         seq += [recv for *_, recv in sorted(posts[r, len(lst)], key=lambda t: t[:3])]
         out[r] = seq
-    return out
+    return out, summary
