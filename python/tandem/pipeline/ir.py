@@ -82,6 +82,15 @@ class Action:
         if not isinstance(self.kind, ActionKind):
             raise TypeError(f"kind must be an ActionKind, got {self.kind!r}")
 
+    @classmethod
+    def _unchecked(cls, stage: int, kind: ActionKind, microbatch: int) -> "Action":
+        """An Action from values already known valid (lowering builds many)."""
+        a = object.__new__(cls)
+        object.__setattr__(a, "stage", stage)
+        object.__setattr__(a, "kind", kind)
+        object.__setattr__(a, "microbatch", microbatch)
+        return a
+
     def __str__(self) -> str:
         return f"{self.stage}{self.kind.value}{self.microbatch}"
 

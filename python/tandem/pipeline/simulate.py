@@ -181,26 +181,24 @@ def _peak_in_flight(lists: Mapping[int, Sequence[Action]], split: bool) -> dict[
 # compute action, keyed (kind, stage, mb)), "posted" (post time of a receive, keyed like
 # the receive) and "landed" (arrival time of a message, keyed like its receive).
 def _deps(a: Action, layout: StageLayout, explicit: bool, delay: float) -> list[tuple]:
-    s, mb, rank = a.stage, a.microbatch, layout.rank_of(a.stage)
-    last = layout.num_stages - 1
-
-    def incoming(src_kind, src_stage, recv_kind):
-        if layout.rank_of(src_stage) == rank:
-            return [("done", (src_kind, src_stage, mb), 0.0)]
-        if explicit:
-            return [("landed", (recv_kind, s, mb), 0.0)]
-        return [("done", (src_kind, src_stage, mb), delay)]
-
-    if a.kind is K.F:
-        return incoming(K.F, s - 1, K.RECV_F) if s > 0 else []
-    if a.kind is K.B:
-        grad = incoming(K.B, s + 1, K.RECV_B) if s < last else []
-        return [("done", (K.F, s, mb), 0.0)] + grad
-    if a.kind is K.W:
+    s, mb, kind = a.stage, a.microbatch, a.kind
+    ranks = layout.ranks
+    if kind is K.F or kind is K.B:
+        src = s - 1 if kind is K.F else s + 1
+        deps = [] if kind is K.F else [("done", (K.F, s, mb), 0.0)]
+        if 0 <= src < len(ranks):  # the data from the neighbouring stage
+            if ranks[src] == ranks[s]:
+                deps.append(("done", (kind, src, mb), 0.0))
+            elif explicit:
+                deps.append(("landed", (K.RECV_F if kind is K.F else K.RECV_B, s, mb), 0.0))
+            else:
+                deps.append(("done", (kind, src, mb), delay))
+        return deps
+    if kind is K.W:
         return [("done", (K.B, s, mb), 0.0)]
-    if a.kind is K.SEND_F:
+    if kind is K.SEND_F:
         return [("done", (K.F, s, mb), 0.0), ("posted", (K.RECV_F, s + 1, mb), 0.0)]
-    if a.kind is K.SEND_B:
+    if kind is K.SEND_B:
         return [("done", (K.B, s, mb), 0.0), ("posted", (K.RECV_B, s - 1, mb), 0.0)]
     return []  # RECV_F / RECV_B: posting never waits
 
@@ -278,7 +276,7 @@ def _execute(lists: Mapping[int, Sequence[Action]], layout: StageLayout, costs: 
                 break
             start = max([clock[r]] + [tables[t][k] + d for t, k, d in deps])
             key = (a.kind, a.stage, a.microbatch)
-            own = durations.get(a)
+            own = durations.get(a) if durations else None
             if a.kind.is_compute:
                 end = clock[r] = start + (c.of(a.kind, split) if own is None else own)
                 produced("done", key, end, r)

@@ -17,6 +17,7 @@ stage (an all-reduce over 2 ranks).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 from tandem.pipeline import Costs
@@ -30,7 +31,7 @@ from tandem.plan.layout import Layout, layout_problems, stage_blocks
 from tandem.plan.memory import BYTES_PER_PARAM, RankMemory, rank_memory
 from tandem.plan.model import ModelSpec, load_model
 from tandem.plan.profiles import DeviceProfile, load_profile
-from tandem.plan.step import StepSimulation, simulate_step
+from tandem.plan.step import StepSimulation, closed_form_step, simulate_step
 from tandem.plan.timing import PRECISIONS, StageCost, stage_costs
 
 __all__ = ["Estimate", "estimate", "memory_only", "PlanError"]
@@ -160,21 +161,28 @@ def _check(model, layout, *, num_gpus, gpus_per_node, global_batch, seq_len, pre
         raise PlanError(f"layout {layout} cannot run {model.name}: " + "; ".join(problems))
 
 
+@functools.lru_cache(maxsize=4096)
+def _activation_parts(model, framework, seq_len: int, precision: str, tp: int, sp: bool, recompute: str,
+                      microbatch: int) -> tuple[float, float, float, float]:
+    """(one block's, the embedding's, the head's saved bytes per microbatch, the bytes
+    recomputation rebuilds at once) on one GPU."""
+    e = PRECISIONS[precision][1]
+    common = dict(seq_len=seq_len, microbatch=microbatch, saved=framework.saved, dropout=framework.dropout)
+    block = layer_activation_bytes(model, tp=tp, sequence_parallel=sp, recompute=recompute, dtype_bytes=e, **common)
+    emb = bytes_per_gpu(embedding_terms(model, tp=tp, **common), tp, sp)
+    head = bytes_per_gpu(head_terms(model, tp=tp, dtype_bytes=e, seq_len=seq_len, microbatch=microbatch,
+                                    saved=framework.saved), tp, sp)
+    working = recompute_working_bytes(model, tp=tp, sequence_parallel=sp, recompute=recompute, dtype_bytes=e,
+                                      **common)
+    return float(block), float(emb), float(head), float(working)
+
+
 def _stage_activation(model, layout, framework, *, seq_len, precision, blocks) -> tuple[list[float], float]:
     """(saved bytes per microbatch of each stage, bytes recomputation rebuilds at once)."""
-    e = PRECISIONS[precision][1]
-    common = dict(seq_len=seq_len, microbatch=layout.microbatch, saved=framework.saved,
-                  dropout=framework.dropout)
-    tp, sp = layout.tp, layout.sequence_parallel
-    per_block = float(layer_activation_bytes(model, tp=tp, sequence_parallel=sp, recompute=layout.recompute,
-                                             dtype_bytes=e, **common))
-    emb = float(bytes_per_gpu(embedding_terms(model, tp=tp, **common), tp, sp))
-    head = float(bytes_per_gpu(head_terms(model, tp=tp, dtype_bytes=e, seq_len=seq_len,
-                                          microbatch=layout.microbatch, saved=framework.saved), tp, sp))
+    block, emb, head, working = _activation_parts(model, framework, seq_len, precision, layout.tp,
+                                                  layout.sequence_parallel, layout.recompute, layout.microbatch)
     S = len(blocks)
-    acts = [n * per_block + (emb if s == 0 else 0.0) + (head if s == S - 1 else 0.0) for s, n in enumerate(blocks)]
-    working = float(recompute_working_bytes(model, tp=tp, sequence_parallel=sp, recompute=layout.recompute,
-                                            dtype_bytes=e, **common))
+    acts = [n * block + (emb if s == 0 else 0.0) + (head if s == S - 1 else 0.0) for s, n in enumerate(blocks)]
     return acts, working
 
 
@@ -231,7 +239,7 @@ def _dp_exposed(model, layout, profile, framework, est_stages, memory, *, precis
 
 def estimate(model, layout, profile, *, global_batch: int, seq_len: int, precision: str = "bf16",
              gpus_per_node: int | None = None, framework="tandem", tp_across_nodes: bool = False,
-             breakdown: bool = True) -> Estimate:
+             breakdown: bool = True, simulate: bool = True) -> Estimate:
     """Memory and time of ``layout`` running ``model`` on GPUs of ``profile``.
 
     ``model``: a ModelSpec or anything ``load_model`` takes; ``layout``: a Layout or its
@@ -239,7 +247,8 @@ def estimate(model, layout, profile, *, global_batch: int, seq_len: int, precisi
     ``profile``: a DeviceProfile, built-in name or JSON path. ``framework``: "tandem" (the
     runs this planner is for) or "megatron-sc21" (framework.py). ``breakdown=False`` skips
     the second simulation that separates exposed PP messages from the bubble. Raises
-    PlanError when the layout cannot run (it says why).
+    PlanError when the layout cannot run (it says why). ``simulate=False`` puts the
+    closed form of step.py in place of the simulation (the search ranks with it).
     """
     model, profile, framework = load_model(model), load_profile(profile), get_framework(framework)
     if isinstance(layout, str):
@@ -256,9 +265,11 @@ def estimate(model, layout, profile, *, global_batch: int, seq_len: int, precisi
                          gpus_per_node=gpus_per_node)
     p2p = _p2p(model, layout, profile, framework, seq_len=seq_len, precision=precision, gpus_per_node=gpus_per_node)
     costs = {s: Costs(F=st.F.total, B=st.B.total, W=st.W.total, comm=p2p) for s, st in enumerate(stages)}
-    sim = simulate_step(layout, m, costs)
-    quiet = None
-    if breakdown and p2p > 0:
+    if not simulate:
+        sim, quiet = closed_form_step(layout, m, costs), None
+    else:
+        sim, quiet = simulate_step(layout, m, costs), None
+    if simulate and breakdown and p2p > 0:
         quiet = simulate_step(layout, m, {s: replace(c, comm=0.0) for s, c in costs.items()})
     dp_exp, dp_total = _dp_exposed(model, layout, profile, framework, stages, memory, precision=precision,
                                    gpus_per_node=gpus_per_node)

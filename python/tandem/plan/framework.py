@@ -63,6 +63,12 @@ class Framework:
     """bytes of dropout masks written per [b, a/tp, s, s] element"""
     ops_per_layer: int
     """kernels (GPU) or operator calls (CPU) of one block's forward; backward twice that"""
+    schedules: tuple = ("1f1b", "interleaved", "zb-h1")
+    """the pipeline schedules it runs (what the search enumerates)"""
+    sequence_parallel: bool = True
+    """whether it has sequence parallelism"""
+    distributed_optimizer: bool = True
+    """whether it can shard the optimizer states over dp"""
 
 
 TANDEM = Framework(
@@ -81,7 +87,10 @@ MEGATRON_SC21 = Framework(
     tp_passes=2.0,  # the attention context's permute to [s, b, h/tp]
     ffn_passes=2.0,  # fused bias + GeLU: read and write [b, s, f/tp]
     score_passes=4.0, score_mask_bytes=1.0,  # fused scale-mask-softmax 2, dropout 2 and its mask
-    ops_per_layer=20)
+    ops_per_layer=20,
+    # Megatron-LM as of the paper: 1F1B and interleaved 1F1B; sequence parallelism and the
+    # distributed optimizer came later (2022)
+    schedules=("1f1b", "interleaved"), sequence_parallel=False, distributed_optimizer=False)
 
 FRAMEWORKS = {f.name: f for f in (TANDEM, MEGATRON_SC21)}
 

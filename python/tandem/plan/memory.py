@@ -55,6 +55,7 @@ def _kv_width(model, tp: int) -> int:
     return model.kv_size // tp if model.num_kv_heads >= tp else model.kv_size
 
 
+@functools.lru_cache(maxsize=4096)
 def stage_params(model, tp: int, *, blocks: int, first: bool, last: bool, single_stage: bool) -> float:
     """Parameters on one GPU of a stage: ``blocks`` blocks, plus the embedding (``first``)
     and the final norm and head (``last``). A tied head on another stage than the embedding
@@ -98,23 +99,36 @@ def _memory_microbatches(layout, m: int) -> int:
     return 2 * p
 
 
+@functools.lru_cache(maxsize=256)
+def _most_in_flight(kind: str, p: int, v: int, m: int) -> tuple[dict[int, int], ...]:
+    """Per rank: the most microbatches in flight on each of its stages."""
+    out = []
+    for rank_events in in_flight_events(kind, p, v, m):
+        count: dict[int, int] = {}
+        most: dict[int, int] = {}
+        for stage, delta in rank_events:
+            count[stage] = count.get(stage, 0) + delta
+            most[stage] = max(most.get(stage, 0), count[stage])
+        out.append(most)
+    return tuple(out)
+
+
 def peak_activation_bytes(layout, m: int, stage_bytes: list[float]) -> list[tuple[float, int]]:
     """Per pipeline rank: (peak saved bytes of its stages' microbatches in flight, most
     microbatches in flight on one of its stages); ``stage_bytes[s]``: one microbatch on s."""
     kind = layout.schedule if layout.pp > 1 else "1f1b"
     v = layout.virtual_stages if kind == "interleaved" else 1
-    events = in_flight_events(kind, layout.pp, v, _memory_microbatches(layout, m))
+    key = (kind, layout.pp, v, _memory_microbatches(layout, m))
+    most = _most_in_flight(*key)
+    if v == 1:  # one stage per rank: its peak is its count's
+        return [(stage_bytes[r] * most[r][r], most[r][r]) for r in range(layout.pp)]
     out = []
-    for rank_events in events:
+    for r, rank_events in enumerate(in_flight_events(*key)):
         live = peak = 0.0
-        count: dict[int, int] = {}
-        most = 0
         for stage, delta in rank_events:
             live += delta * stage_bytes[stage]
-            count[stage] = count.get(stage, 0) + delta
-            most = max(most, count[stage])
             peak = max(peak, live)
-        out.append((peak, most))
+        out.append((peak, max(most[r].values())))
     return out
 
 

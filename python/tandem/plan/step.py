@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from tandem.pipeline import Costs, SimulationResult, simulate
 
-__all__ = ["StepSimulation", "simulate_step", "schedule_of", "closed_form_makespan"]
+__all__ = ["StepSimulation", "simulate_step", "schedule_of", "closed_form_makespan", "closed_form_step"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -38,6 +38,12 @@ def _extension_points(layout) -> tuple[int, int]:
     return (2 * p, 3 * p) if layout.schedule == "zb-h1" else (p, 2 * p)
 
 
+def simulated_counts(layout, m: int) -> tuple[int, ...]:
+    """The microbatch counts ``simulate_step`` simulates for ``m``."""
+    m1, m2 = _extension_points(layout)
+    return (m,) if m <= m2 else (m1, m2)
+
+
 @dataclass(frozen=True)
 class StepSimulation:
     """The simulated pipeline of one step."""
@@ -49,8 +55,9 @@ class StepSimulation:
     rank_end: tuple[float, ...]
     """when each pipeline rank finishes its last action"""
     simulated: tuple[int, ...]
-    """the microbatch counts simulated (one: exact; two: extended linearly)"""
-    result: SimulationResult
+    """the microbatch counts simulated (one: exact; two: extended linearly; none: the
+    closed form of ``closed_form_makespan``, for ranking only)"""
+    result: SimulationResult | None
     """the simulation at the largest simulated count (for pictures)"""
 
 
@@ -81,6 +88,14 @@ def simulate_step(layout, m: int, costs: dict[int, Costs]) -> StepSimulation:
         counts = (m1, m2)
     bubble = 1.0 - work / (p * makespan)
     return StepSimulation(makespan=makespan, bubble=bubble, rank_end=tuple(ends), simulated=counts, result=res)
+
+
+def closed_form_step(layout, m: int, costs: dict[int, Costs]) -> StepSimulation:
+    """``closed_form_makespan`` as a StepSimulation (nothing simulated)."""
+    makespan = closed_form_makespan(layout, m, costs)
+    work = m * sum(c.F + c.B + c.W for c in costs.values())
+    return StepSimulation(makespan=makespan, bubble=1.0 - work / (layout.pp * makespan),
+                          rank_end=(makespan,) * layout.pp, simulated=(), result=None)
 
 
 def closed_form_makespan(layout, m: int, costs: dict[int, Costs]) -> float:
