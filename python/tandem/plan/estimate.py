@@ -264,13 +264,14 @@ def estimate(model, layout, profile, *, global_batch: int, seq_len: int, precisi
     stages = stage_costs(model, layout, profile, framework, seq_len=seq_len, precision=precision, blocks=blocks,
                          gpus_per_node=gpus_per_node)
     p2p = _p2p(model, layout, profile, framework, seq_len=seq_len, precision=precision, gpus_per_node=gpus_per_node)
-    costs = {s: Costs(F=st.F.total, B=st.B.total, W=st.W.total, comm=p2p) for s, st in enumerate(stages)}
+    quiet = None
     if not simulate:
-        sim, quiet = closed_form_step(layout, m, costs), None
+        sim = closed_form_step(layout, m, [st.F.total + st.B.total + st.W.total for st in stages], p2p)
     else:
-        sim, quiet = simulate_step(layout, m, costs), None
-    if simulate and breakdown and p2p > 0:
-        quiet = simulate_step(layout, m, {s: replace(c, comm=0.0) for s, c in costs.items()})
+        costs = {s: Costs(F=st.F.total, B=st.B.total, W=st.W.total, comm=p2p) for s, st in enumerate(stages)}
+        sim = simulate_step(layout, m, costs)
+        if breakdown and p2p > 0:
+            quiet = simulate_step(layout, m, {s: replace(c, comm=0.0) for s, c in costs.items()})
     dp_exp, dp_total = _dp_exposed(model, layout, profile, framework, stages, memory, precision=precision,
                                    gpus_per_node=gpus_per_node)
     d = layout.dp if layout.distributed_optimizer else 1

@@ -100,16 +100,23 @@ def _memory_microbatches(layout, m: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _most_in_flight(kind: str, p: int, v: int, m: int) -> tuple[dict[int, int], ...]:
-    """Per rank: the most microbatches in flight on each of its stages."""
+def _in_flight_states(kind: str, p: int, v: int, m: int) -> tuple:
+    """Per rank: (its stages, the count vectors of microbatches in flight on them that no
+    other point of its list exceeds on every stage, the most on one stage). The peak of
+    any non-negative weighting of the stages is reached at one of those vectors."""
     out = []
     for rank_events in in_flight_events(kind, p, v, m):
-        count: dict[int, int] = {}
-        most: dict[int, int] = {}
+        stages = sorted({stage for stage, _ in rank_events})
+        index = {s: i for i, s in enumerate(stages)}
+        count = [0] * len(stages)
+        seen = set()
         for stage, delta in rank_events:
-            count[stage] = count.get(stage, 0) + delta
-            most[stage] = max(most.get(stage, 0), count[stage])
-        out.append(most)
+            count[index[stage]] += delta
+            if delta > 0:
+                seen.add(tuple(count))
+        maximal = [c for c in seen if not any(o != c and all(x >= y for x, y in zip(o, c)) for o in seen)]
+        most = max((max(c) for c in seen), default=0)
+        out.append((tuple(stages), tuple(maximal), most))
     return tuple(out)
 
 
@@ -118,17 +125,11 @@ def peak_activation_bytes(layout, m: int, stage_bytes: list[float]) -> list[tupl
     microbatches in flight on one of its stages); ``stage_bytes[s]``: one microbatch on s."""
     kind = layout.schedule if layout.pp > 1 else "1f1b"
     v = layout.virtual_stages if kind == "interleaved" else 1
-    key = (kind, layout.pp, v, _memory_microbatches(layout, m))
-    most = _most_in_flight(*key)
-    if v == 1:  # one stage per rank: its peak is its count's
-        return [(stage_bytes[r] * most[r][r], most[r][r]) for r in range(layout.pp)]
     out = []
-    for r, rank_events in enumerate(in_flight_events(*key)):
-        live = peak = 0.0
-        for stage, delta in rank_events:
-            live += delta * stage_bytes[stage]
-            peak = max(peak, live)
-        out.append((peak, max(most[r].values())))
+    for stages, maximal, most in _in_flight_states(kind, layout.pp, v, _memory_microbatches(layout, m)):
+        w = [stage_bytes[s] for s in stages]
+        peak = max((sum(c * x for c, x in zip(vec, w)) for vec in maximal), default=0.0)
+        out.append((peak, most))
     return out
 
 
@@ -140,10 +141,14 @@ def rank_memory(model, layout, profile, *, precision: str, blocks: list[int], m:
     d = layout.dp if layout.distributed_optimizer else 1
     S = len(blocks)
     peaks = peak_activation_bytes(layout, m, stage_act)
+    kinds: dict[tuple, float] = {}  # (blocks, first, last) -> parameters: most stages are alike
+    for s, n in enumerate(blocks):
+        key = (n, s == 0, s == S - 1)
+        if key not in kinds:
+            kinds[key] = stage_params(model, layout.tp, blocks=n, first=key[1], last=key[2], single_stage=S == 1)
     out = []
     for r in range(layout.pp):
-        params = sum(stage_params(model, layout.tp, blocks=blocks[s], first=s == 0, last=s == S - 1,
-                                  single_stage=S == 1) for s in range(r, S, layout.pp))
+        params = sum(kinds[(blocks[s], s == 0, s == S - 1)] for s in range(r, S, layout.pp))
         act, most = peaks[r]
         out.append(RankMemory(rank=r, params=params, weights=w_b * params, grads=g_b * params,
                               optimizer=o_b * params / d, activations=act, working=working if act else 0.0,

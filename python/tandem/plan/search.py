@@ -9,7 +9,7 @@
    (``memory_only``).
 3. Rank the rest by the closed-form step time (step.py) and keep the fastest variant of
    each (tp, pp, dp, mb, schedule); simulate the best of those with
-   ``tandem.pipeline.simulate`` (up to ``top`` + 2 of them, as many as a fixed budget of
+   ``tandem.pipeline.simulate`` (up to ``top`` + 1 of them, as many as a fixed budget of
    simulated actions allows, at least one) and rank them by the simulated step time.
 """
 
@@ -149,7 +149,7 @@ def plan(model, *, gpus: int, global_batch: int, seq_len: int, gpu="H100-SXM", g
     for est in order:
         layout = est.layout
         cost = layout.num_stages * sum(simulated_counts(layout, est.num_microbatches))
-        if ranked and (len(ranked) >= top + 2 or spent + cost > budget):
+        if ranked and (len(ranked) >= top + 1 or spent + cost > budget):
             break
         spent += cost
         ranked.append(estimate(model, layout, profile, gpus_per_node=gpus_per_node, tp_across_nodes=tp_across_nodes,

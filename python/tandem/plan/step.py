@@ -90,22 +90,21 @@ def simulate_step(layout, m: int, costs: dict[int, Costs]) -> StepSimulation:
     return StepSimulation(makespan=makespan, bubble=bubble, rank_end=tuple(ends), simulated=counts, result=res)
 
 
-def closed_form_step(layout, m: int, costs: dict[int, Costs]) -> StepSimulation:
+def closed_form_step(layout, m: int, stage_work: list[float], comm: float) -> StepSimulation:
     """``closed_form_makespan`` as a StepSimulation (nothing simulated)."""
-    makespan = closed_form_makespan(layout, m, costs)
-    work = m * sum(c.F + c.B + c.W for c in costs.values())
-    return StepSimulation(makespan=makespan, bubble=1.0 - work / (layout.pp * makespan),
+    makespan = closed_form_makespan(layout, m, stage_work, comm)
+    return StepSimulation(makespan=makespan, bubble=1.0 - m * sum(stage_work) / (layout.pp * makespan),
                           rank_end=(makespan,) * layout.pp, simulated=(), result=None)
 
 
-def closed_form_makespan(layout, m: int, costs: dict[int, Costs]) -> float:
+def closed_form_makespan(layout, m: int, stage_work: list[float], comm: float) -> float:
     """A quick estimate for ranking many layouts before simulating the best: m times the
-    busiest rank's work per microbatch, plus the fill and drain of the pipeline."""
-    p, v = layout.pp, layout.virtual_stages
+    busiest rank's work per microbatch (``stage_work[s]``: F + B + W of stage s), plus the
+    fill and drain of the pipeline: (p - 1) stages' work (a third of it for ZB-H1, whose
+    W fills the drain) and two messages per stage boundary."""
+    p = layout.pp
     per_rank = [0.0] * p
-    for s, c in costs.items():
-        per_rank[s % p] += c.F + c.B + c.W
-    mean_stage = sum(c.F + c.B + c.W for c in costs.values()) / len(costs)
-    comm = max(c.comm for c in costs.values())
-    fill = {"interleaved": 1.0, "zb-h1": 1.0 / 3.0}.get(layout.schedule, 1.0) * mean_stage
+    for s, w in enumerate(stage_work):
+        per_rank[s % p] += w
+    fill = (1.0 / 3.0 if layout.schedule == "zb-h1" else 1.0) * sum(stage_work) / len(stage_work)
     return m * max(per_rank) + (p - 1) * (fill + 2 * comm)

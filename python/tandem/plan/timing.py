@@ -44,8 +44,11 @@ class ActionCost:
         return self.gemm + self.attention + self.elementwise + self.tp_comm + self.recompute
 
     def add(self, other: "ActionCost", times: float = 1.0) -> "ActionCost":
-        for name in ("gemm", "attention", "elementwise", "tp_comm", "recompute"):
-            setattr(self, name, getattr(self, name) + times * getattr(other, name))
+        self.gemm += times * other.gemm
+        self.attention += times * other.attention
+        self.elementwise += times * other.elementwise
+        self.tp_comm += times * other.tp_comm
+        self.recompute += times * other.recompute
         return self
 
 
@@ -157,16 +160,20 @@ def _ends(model, profile, *, s, b, tp, sp, e, dtype, link, first, last):
 
 def stage_costs(model, layout, profile, framework, *, seq_len: int, precision: str, blocks: list[int],
                 gpus_per_node: int) -> list[StageCost]:
-    """The StageCost of every (virtual) stage, ``blocks[s]`` blocks on stage s."""
+    """The StageCost of every (virtual) stage, ``blocks[s]`` blocks on stage s (stages that
+    are alike share one StageCost object)."""
     dtype, e = PRECISIONS[precision]
     tp, sp, b = layout.tp, layout.sequence_parallel, layout.microbatch
     link = tp_link(profile, tp, gpus_per_node)
     F1, B1, W1 = _block(model, profile, framework, s=seq_len, b=b, tp=tp, sp=sp, recompute=layout.recompute,
                         dtype=dtype, e=e, link=link)
-    out = []
+    made: dict[tuple, StageCost] = {}  # most stages are alike: (blocks, first, last) -> costs
     S = len(blocks)
     for s_idx, n in enumerate(blocks):
-        st = StageCost(blocks=n, first=s_idx == 0, last=s_idx == S - 1)
+        key = (n, s_idx == 0, s_idx == S - 1)
+        if key in made:
+            continue
+        st = made[key] = StageCost(blocks=n, first=key[1], last=key[2])
         st.F.add(F1, n)
         st.B.add(B1, n)
         st.W.add(W1, n)
@@ -175,5 +182,4 @@ def stage_costs(model, layout, profile, framework, *, seq_len: int, precision: s
         st.F.add(eF)
         st.B.add(eB)
         st.W.add(eW)
-        out.append(st)
-    return out
+    return [made[(n, s_idx == 0, s_idx == S - 1)] for s_idx, n in enumerate(blocks)]
