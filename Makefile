@@ -30,7 +30,7 @@ demo: $(STAMP)/core
 $(STAMP)/venv:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" numpy tqdm matplotlib pytest pytest-timeout ninja "setuptools>=64" wheel \
+	$(PY) -m pip install -q "$(TORCH)" numpy tqdm matplotlib pytest pytest-timeout ninja "setuptools>=77" wheel \
 		safetensors==0.8.0 tokenizers==0.23.3 transformers==5.23.0
 	mkdir -p $(STAMP) && touch $@
 

@@ -4,8 +4,11 @@ The CUDA sources are compiled whenever the installed torch is a CUDA build and n
 found (a GPU is not needed); otherwise a CPU-only core is built. Knobs:
 
   TANDEM_FORCE_CPU=1     build the CPU-only core even where CUDA is available
-  TANDEM_CUDA_ARCHS      arch list for nvcc, e.g. "8.0;9.0" (default "9.0");
-                         TORCH_CUDA_ARCH_LIST wins when it is set
+  TANDEM_CUDA_ARCHS      arch list for nvcc (default "9.0+PTX": Hopper code, plus PTX that
+                         the driver compiles at first use on later GPUs such as Blackwell);
+                         A100: "8.0;9.0+PTX"; B200: "9.0;10.0+PTX"; RTX 50 / RTX PRO
+                         Blackwell: "9.0;12.0+PTX". TORCH_CUDA_ARCH_LIST wins when it is set.
+                         `tandem info` says when a GPU is not covered.
   CUDA_HOME / CUDA_PATH  the CUDA toolkit (default: /usr/local/cuda, else nvcc's root)
   NCCL_HOME              an NCCL with include/ and lib/ (default: the NCCL wheel that torch ships)
   MAX_JOBS               parallel compile jobs (ninja)
@@ -65,7 +68,7 @@ def _extension():
             define_macros=define,
         )
 
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or os.environ.get("TANDEM_CUDA_ARCHS") or "9.0"
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or os.environ.get("TANDEM_CUDA_ARCHS") or "9.0+PTX"
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     blas = locate.cublaslt(_cuda_home)
     nccl = locate.nccl()

@@ -5,6 +5,11 @@
 #include "build_info.h"
 #include "comm/python.h"
 #include "ops/linear_gelu.h"
+#include "ops/lt_policy.h"
+
+namespace tandem::testing {
+void bind(pybind11::module_& m);  // testing.cpp: the seams of the CPU tests
+}
 
 TORCH_LIBRARY(tandem, m) {
   m.set_python_module("tandem.ops");  // fake (meta) kernels live there
@@ -44,4 +49,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   tandem::comm::bind(m);     // Communicator, Work, CommError, CommTimeoutError
   tandem::overlap::bind(m);  // row_parallel_linear forward, column_parallel_backward
   tandem::p2p::bind(m);      // StageLink
+  m.def("_linear_gelu_paths", [] {
+    const auto c = tandem::ops::path_counts();
+    pybind11::dict d;
+    d["forward_epilogue"] = c[0];
+    d["forward_general"] = c[1];
+    d["dgelu_bgrad_epilogue"] = c[2];
+    d["dgelu_bgrad_general"] = c[3];
+    return d;
+  }, "How many fused forwards / linear_dgelu_bgrad calls took cuBLASLt's epilogue or the general path.");
+  m.def("_reset_linear_gelu_paths", &tandem::ops::reset_path_counts);
+  auto testing = m.def_submodule("_testing", "seams of the CPU tests (not a public API)");
+  tandem::testing::bind(testing);
 }

@@ -9,6 +9,8 @@
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
 #include <nccl.h>
+
+#include "comm/nccl_api.h"
 #endif
 
 namespace tandem {
@@ -33,12 +35,14 @@ pybind11::dict build_info() {
     // NCCL_VERSION(X,Y,Z) = X*10000 + Y*100 + Z since 2.9
     d["nccl_runtime_version"] = dotted(nccl_runtime / 10000, (nccl_runtime % 10000) / 100, nccl_runtime % 100);
   }
+  d["nccl_revoke"] = comm::nccl_has_revoke();  // abort_all revokes first (NCCL >= 2.28.7)
 #else
   d["cuda"] = false;
   d["cuda_archs"] = std::string();
   d["cuda_version"] = pybind11::none();
   d["cublaslt_version"] = pybind11::none();
   d["nccl_version"] = pybind11::none();
+  d["nccl_revoke"] = false;
 #endif
   return d;
 }

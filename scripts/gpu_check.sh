@@ -15,6 +15,10 @@
 #   MAX_JOBS               compile jobs (default: nproc)
 #   TORCH_CUDA_ARCH_LIST   default 9.0 (Hopper)
 #
+# Steps: env, build; fused_accuracy (fp32 / bf16 / fp16 max error of the fused op against
+# the composite with TF32 off, and whether cuBLASLt's epilogue ran for the aligned shapes);
+# tests_cuda (NCCL_DEBUG=WARN); on 2+ GPUs multigpu (the multi-GPU tests) and link_abort
+# (StageLink.abort() timed with a killed peer, < 1 s); then benchmarks and compute-sanitizer.
 # Without a GPU the CUDA steps report SKIP and the benchmark runs its --quick CPU smoke test.
 # Exit status: 0 when no step failed (SKIP and a missed performance target are not
 # failures), 1 otherwise.
@@ -39,6 +43,7 @@ export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"  # the in-place buil
 export PYTHONUNBUFFERED=1
 T0=$SECONDS
 HAVE_GPU=0
+NGPUS=0
 ROWS=()
 FAILED=0
 
@@ -109,6 +114,7 @@ PYEOF
     gpus=$(awk '$1 == "gpus" {print $2}' "$OUT/env.log")
     torch_v=$(awk '$1 == "python" {print $4}' "$OUT/env.log")
     gpu=$(awk '$1 == "gpu0" {$1 = ""; print substr($0, 2)}' "$OUT/env.log")
+    NGPUS=${gpus:-0}
     if [[ ${gpus:-0} -ge 1 ]]; then
         HAVE_GPU=1
         record env ok "torch $torch_v, $gpus GPU(s): $gpu"
@@ -181,8 +187,56 @@ print(t - f - e - k, f, e, k)
 PYEOF
 }
 
+# The fused op first, cheap: fp32 and bf16 max error against the composite (TF32 off), and
+# the path counters: aligned bf16/fp16 tanh shapes must have run cuBLASLt's epilogue (the
+# CUDA tests compare against the general path, so a fused path that never ran passes them).
+section_fused_accuracy() {
+    STEP_S=0
+    if ((HAVE_GPU == 0)); then
+        record fused_accuracy SKIP "no GPU"
+        return
+    fi
+    run_step fused_accuracy 120 -- "$PY" - <<'PYEOF'
+import torch, torch.nn.functional as F
+from tandem import _C, ops
+torch.backends.cuda.matmul.allow_tf32 = False
+g = torch.Generator(device="cuda").manual_seed(0)
+bad = []
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    worst, worst_plain, runs, epi, within = 0.0, 0.0, 0, 0, True
+    for m, k, n in ((64, 128, 256), (512, 1024, 2048), (2048, 4096, 4096)):
+        x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.float64)
+        w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.float64) / k ** 0.5
+        b = torch.randn(n, device="cuda", generator=g, dtype=torch.float64)
+        exact = F.gelu(F.linear(x, w, b), approximate="tanh")
+        xd, wd, bd = x.to(dtype), w.to(dtype), b.to(dtype)
+        _C._reset_linear_gelu_paths()
+        fused = ops.linear_bias_gelu(xd, wd, bd, "tanh")
+        epi += _C._linear_gelu_paths()["forward_epilogue"]
+        runs += 1
+        plain = F.gelu(F.linear(xd, wd, bd), approximate="tanh")
+        err = (fused.double() - exact).abs().max().item()
+        err_plain = (plain.double() - exact).abs().max().item()
+        floor = torch.finfo(dtype).eps * exact.abs().max().item() * 0.5  # half an ulp of the largest value
+        within = within and err <= 2 * err_plain + floor
+        worst, worst_plain = max(worst, err), max(worst_plain, err_plain)
+    path = f"epilogue {epi}/{runs}"
+    print(f"{str(dtype)[6:]}: max err {worst:.3g} (composite {worst_plain:.3g}), {path}")
+    if dtype == torch.float32 and (epi or not within):
+        bad.append(f"fp32 must take the general path within 2x the composite ({path}, err {worst:.3g})")
+    if dtype != torch.float32 and (epi != runs or not within):
+        bad.append(f"{str(dtype)[6:]}: {path}, err {worst:.3g} vs composite {worst_plain:.3g}")
+print("RESULT", "; ".join(bad) if bad else "ok")
+raise SystemExit(1 if bad else 0)
+PYEOF
+    local detail
+    detail=$(grep -E "^(float32|bfloat16|float16):" "$OUT/fused_accuracy.log" | sed 's/^/ /' | tr '\n' ';')
+    record fused_accuracy "$(status_of $STEP_RC)" "$(why $STEP_RC)TF32 off:${detail%;}"
+}
+
 section_tests_cuda() {
-    run_step tests_cuda 180 -- "$PY" -m pytest -m cuda -q -rfEs -p no:cacheprovider \
+    # NCCL_DEBUG=WARN: NCCL's own warnings land in the log beside tandem's errors
+    run_step tests_cuda 180 -- env NCCL_DEBUG=WARN "$PY" -m pytest -m cuda -q -rfEs -p no:cacheprovider \
         --junitxml "$OUT/tests_cuda.xml" tests
     local p f e k
     read -r p f e k <<<"$(pytest_counts "$OUT/tests_cuda.xml")"
@@ -194,8 +248,74 @@ section_tests_cuda() {
     elif ((HAVE_GPU == 0)); then
         record tests_cuda SKIP "no GPU: $counts"
     else
-        record tests_cuda ok "$counts"
+        record tests_cuda ok "$counts (NCCL_DEBUG=WARN)"
     fi
+}
+
+# 2+ GPUs: the multi-GPU tests, then StageLink.abort() timed while a receive from a killed
+# peer is pending and a send on the other fork is queued behind it (must return in < 1 s).
+section_multigpu() {
+    STEP_S=0
+    if ((NGPUS < 2)); then
+        record multigpu SKIP "$NGPUS GPU(s): the multi-GPU tests need 2"
+        return
+    fi
+    run_step multigpu 240 -- env NCCL_DEBUG=WARN "$PY" -m pytest -m multigpu -q -rfEs -p no:cacheprovider \
+        --junitxml "$OUT/multigpu.xml" tests
+    local p f e k
+    read -r p f e k <<<"$(pytest_counts "$OUT/multigpu.xml")"
+    record multigpu "$(status_of $STEP_RC)" "$(why $STEP_RC)$p passed, $f failed, $e errors, $k skipped (NCCL_DEBUG=WARN)"
+}
+
+section_link_abort() {
+    STEP_S=0
+    if ((NGPUS < 2)); then
+        record link_abort SKIP "$NGPUS GPU(s): needs 2"
+        return
+    fi
+    # a file, not stdin: the spawned ranks import their function from it
+    cat >"$OUT/link_abort.py" <<'PYEOF'
+import os, sys, tempfile, time
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+
+def rank_main(rank, init, queue):
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    torch.cuda.set_device(rank)
+    from tandem.comm import Communicator, StageLink
+    comm = Communicator(dist.group.WORLD, f"cuda:{rank}", timeout=60.0)
+    link = StageLink(comm, None if rank == 0 else 0, 1 if rank == 0 else None, shapes="static", timeout=60.0)
+    if rank == 0:
+        link.send_forward(torch.ones(1024, device="cuda"))
+        link.wait_sends()
+        torch.cuda.synchronize()
+        time.sleep(1.0)
+        os._exit(17)  # killed: never sends the second activation
+    link.recv_forward()
+    x = link.irecv_forward().wait()  # the current stream waits for a receive that never lands
+    link.send_backward(torch.ones(1024, device="cuda"))  # another fork, queued behind that stream
+    time.sleep(3.0)  # rank 0 is gone by now
+    start = time.monotonic()
+    link.abort()
+    queue.put(time.monotonic() - start)
+    os._exit(0)
+
+if __name__ == "__main__":
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=rank_main, args=(r, os.path.join(tmp, "rdv"), queue)) for r in range(2)]
+        for p in procs:
+            p.start()
+        took = queue.get(timeout=90)
+        for p in procs:
+            p.join(30)
+    print(f"abort_s {took:.3f}")
+    sys.exit(0 if took < 1.0 else 1)
+PYEOF
+    run_step link_abort 120 -- env NCCL_DEBUG=WARN "$PY" "$OUT/link_abort.py"
+    local took
+    took=$(awk '$1 == "abort_s" {print $2}' "$OUT/link_abort.log")
+    record link_abort "$(status_of $STEP_RC)" "$(why $STEP_RC)StageLink.abort() with a killed peer: ${took:-?} s (must be < 1 s)"
 }
 
 # The benchmark rows of the summary: one line per target from the JSON.
@@ -359,7 +479,7 @@ print_summary() {
     fi
 }
 
-SECTIONS=(env build tests_cuda bench_linear_gelu sanitizer)
+SECTIONS=(env build fused_accuracy tests_cuda multigpu link_abort bench_linear_gelu sanitizer)
 SECTIONS+=(bench_comm bench_overlap)  # communication runtime, see its block above
 SECTIONS+=(bench_tp)  # tensor parallelism
 for section in "${SECTIONS[@]}"; do

@@ -191,3 +191,134 @@ def test_pipeline_costs_and_latency_from_a_timeline():
     assert bench_pipeline._latency_s(tl[:4], layout) is None
     assert bench_pipeline._latency_s([rec for rec in tl if rec.action.kind.value != "B"], layout) \
         == pytest.approx(0.5)  # 1F0 alone: 1F1 is still no sample
+
+
+# ---------------------------------------------------------------------------------------
+# bench_generate.py: layouts, per-request times, the comparisons; worlds.py; the quick run
+
+
+def test_generate_layouts_parse_and_refuse_bad_items():
+    import bench_generate as bg
+
+    got = bg.parse_layouts("tp1,tp2, pp2,tp2xpp2")
+    assert [(lay.tp, lay.pp, lay.world, lay.name) for lay in got] == [
+        (1, 1, 1, "tp1"), (2, 1, 2, "tp2"), (1, 2, 2, "pp2"), (2, 2, 4, "tp2xpp2")]
+    for bad, says in (("tp2x", "'tp2x' is not"), ("dp2", "'dp2' is not"), ("tp1,,pp2", "'' is not"),
+                      ("tp0", "'tp0': tp and pp must be >= 1"), ("pp2,tp1xpp2", "pp2 is given twice")):
+        with pytest.raises(ValueError, match=says):
+            bg.parse_layouts(bad)
+    assert bg.cases(bg.Layout(2, 2), 8) == [bg.Case(1, 1), bg.Case(8, 1), bg.Case(8, 2)]
+    assert bg.cases(bg.Layout(2, 1), 8) == [bg.Case(1, 1), bg.Case(8, 1)]
+
+
+def test_generate_request_times():
+    import bench_generate as bg
+
+    # request 0: tokens at 10, 12, 14 ms after t0; request 1: at 20, 23, 26 ms
+    t0 = 100.0
+    stamps = {0: [t0 + 0.010, t0 + 0.012, t0 + 0.014], 1: [t0 + 0.020, t0 + 0.023, t0 + 0.026]}
+    got = bg.request_times(stamps, t0, 3, 2)
+    assert got["ttft_ms"] == pytest.approx(15.0) and got["tpot_ms"] == pytest.approx(2.5)
+    assert got["last_ms"] == pytest.approx(20.0)
+    with pytest.raises(ValueError, match=r"requests \[1\] do not have 3 token times"):
+        bg.request_times({0: stamps[0], 1: stamps[1][:2]}, t0, 3, 2)
+    with pytest.raises(ValueError, match="needs >= 2 new tokens"):
+        bg.request_times({0: [t0]}, t0, 1, 1)
+
+
+def _row(layout, tp, pp, requests, groups, ttft, tpot, tokens_per_s):
+    return {"layout": layout, "tp": tp, "pp": pp, "requests": requests, "groups": groups, "ttft_ms": ttft,
+            "tpot_ms": tpot, "tokens_per_s": tokens_per_s}
+
+
+def test_generate_comparisons_are_ratios_of_the_rows():
+    import bench_generate as bg
+
+    rows = [_row("tp1", 1, 1, 1, 1, 10.0, 2.0, 50.0), _row("tp1", 1, 1, 8, 1, 40.0, 4.0, 200.0),
+            _row("pp2", 1, 2, 1, 1, 12.0, 3.0, 40.0), _row("pp2", 1, 2, 8, 1, 44.0, 5.0, 160.0),
+            _row("pp2", 1, 2, 8, 2, 30.0, 3.0, 300.0),
+            _row("tp2xpp2", 2, 2, 1, 1, 5.0, 1.0, 90.0)]  # no tp2 row: not compared
+    (c,) = bg.compare(rows)
+    assert (c["layout"], c["base"], c["requests"], c["groups"]) == ("pp2", "tp1", 8, 2)
+    assert c["ttft_ratio"] == pytest.approx(1.2) and c["tpot_ratio"] == pytest.approx(1.5)
+    assert c["throughput_ratio"] == pytest.approx(1.5) and c["groups_vs_batch"] == pytest.approx(300 / 160)
+    latency, throughput = bg.shows([c])
+    assert latency["verdict"] == "yes" and throughput["verdict"] == "yes"
+    assert "8 requests in flight" in throughput["claim"]
+    slower = [dict(r, tokens_per_s=100.0) if r["groups"] == 2 else r for r in rows]
+    assert bg.shows(bg.compare(slower))[1]["verdict"] == "no"
+    mixed = [dict(r, ttft_ms=9.0) if r["layout"] == "pp2" and r["requests"] == 1 else r for r in rows]
+    assert bg.shows(bg.compare(mixed))[0]["verdict"] == "mixed"
+    assert [v["verdict"] for v in bg.shows([])] == ["not measured", "not measured"]
+
+
+class _Echo:
+    """A world's state for the Worlds tests: rank 1 of world "bad" fails in ``run``."""
+
+    def __init__(self, spec, rank):
+        self.spec, self.rank = spec, rank
+        self.info = {"rank": rank, "spec": spec}
+
+    def run(self, command):
+        import torch.distributed as dist
+
+        if command == "fail" and self.rank == 1:
+            raise ValueError("rank 1 refuses")
+        t = torch.tensor([float(self.rank + 1)])
+        dist.all_reduce(t)  # collective within this world only
+        return (self.spec, command, float(t))
+
+
+def test_worlds_take_turns_and_report_a_failing_rank():
+    import worlds
+
+    w = worlds.Worlds({"one": (1, "a"), "two": (2, "b")}, _Echo, timeout=60)
+    with w:
+        assert w.info == {"one": {"rank": 0, "spec": "a"}, "two": {"rank": 0, "spec": "b"}}
+        assert w.run("two", 7) == ("b", 7, 3.0) and w.run("one", 8) == ("a", 8, 1.0)
+        with pytest.raises(ValueError, match="no world 'three'"):
+            w.run("three", 1)
+        with pytest.raises(worlds.WorldError, match="(?s)world two rank 1 failed.*rank 1 refuses"):
+            w.run("two", "fail")
+    assert all(not p.is_alive() for p, _ in sum(w._procs.values(), [])) and w._procs == {}
+    with pytest.raises(ValueError, match="world 'x' needs a size >= 1"):
+        worlds.Worlds({"x": (0, None)}, _Echo)
+
+
+def test_bench_generate_quick(tmp_path):
+    """`tandem bench generate --quick`: a row per layout and case, numbers that agree with
+    each other, the comparison lines computed from the rows, the JSON record and the plot."""
+    import bench_generate as bg
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "tandem", "bench", "generate", "--quick", "--json",
+                           str(tmp_path / "json"), "--plot", str(tmp_path / "png")],
+                          cwd=os.path.dirname(BENCH_DIR), capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    table = [line.split() for line in lines if line.strip() and not line.startswith("#")]
+    want = [(lay.name, c.requests, c.groups) for lay in bg.parse_layouts("tp1,tp2,pp2,tp2xpp2")
+            for c in bg.cases(lay, bg.QUICK["requests"])]
+    assert [(r[0], int(r[4]), int(r[5])) for r in table] == want
+    with open(tmp_path / "json" / "generate.json") as f:
+        record = json.load(f)
+    assert record["benchmark"] == "bench_generate" and record["wrong"] == 0
+    assert record["env"]["iters"] == bg.QUICK["iters"] and record["env"]["loadavg"]
+    new = bg.QUICK["new_tokens"]
+    for row in record["results"]:
+        assert row["wrong"] == 0 and row["rounds"] == bg.QUICK["iters"], row
+        assert 0 < row["ttft_ms"] <= row["last_ms"] <= row["e2e_ms"], row
+        assert row["tpot_ms"] > 0 and 0 < row["cores"] <= row["ranks"] + 1, row  # + their threads
+        assert row["tokens_per_s"] == pytest.approx(row["requests"] * new / (row["e2e_ms"] * 1e-3)), row
+    want = bg.compare(record["results"])
+    assert len(record["comparisons"]) == len(want)
+    for got, ratios in zip(record["comparisons"], want):
+        assert got.keys() == ratios.keys()
+        assert all(got[k] == pytest.approx(v) if isinstance(v, float) else got[k] == v for k, v in ratios.items())
+    assert [c["layout"] for c in record["comparisons"]] == ["pp2", "tp2xpp2"]
+    assert record["shows"] == bg.shows(record["comparisons"])
+    shown = [line for line in lines if line.startswith("# shows")]
+    assert len(shown) == 2 and all(v["verdict"] in line for v, line in zip(record["shows"], shown))
+    assert sum(line.startswith("# compare") for line in lines) == 4
+    with open(tmp_path / "png" / "generate.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

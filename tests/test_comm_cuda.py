@@ -148,6 +148,102 @@ def test_close_and_abort_from_another_thread(group):
         d.all_reduce(t)
 
 
+def test_p2p_moves_any_dtype_and_collectives_name_unsupported_ones(comm):
+    """Item 4: point-to-point moves bytes (int16, complex, float8 included), as StageLink
+    accepts them; a collective names a dtype NCCL cannot reduce. (StageLink with int16
+    between two GPUs: the multigpu test.)"""
+    tensors = [torch.arange(-7, 8, dtype=torch.int16, device="cuda"),
+               torch.randn(5, 3, dtype=torch.complex64, device="cuda"),
+               torch.randn(33, device="cuda").to(torch.float8_e4m3fn)]
+    back = [torch.empty_like(t) for t in tensors]
+    works = comm.batch_p2p([("send", t, 0) for t in tensors] + [("recv", r, 0) for r in back])
+    for w in works:
+        w.wait()
+    torch.cuda.synchronize()
+    for t, r in zip(tensors, back):
+        assert torch.equal(t.view(torch.uint8), r.view(torch.uint8)), t.dtype
+    with pytest.raises(TypeError, match="dtype .* has no NCCL reduction type"):
+        comm.all_reduce(torch.ones(4, dtype=torch.int16, device="cuda"))
+
+
+def test_nccl_refuses_cuda_graph_capture(comm):
+    """Item 8: tandem's NCCL work is watched from the host (events, watchdog, deadlines); a
+    capture would bypass that, so enqueueing or waiting while capturing raises clearly."""
+    from tandem.comm import CommError
+
+    t = torch.ones(16, device="cuda")
+    done = comm.all_reduce(t)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(CommError, match="capturing a CUDA graph"):
+        with torch.cuda.graph(graph):
+            comm.all_reduce(t)
+    with pytest.raises(CommError, match="capturing a CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            done.wait()
+    comm.all_reduce(t).synchronize(timeout=30)  # still usable outside a capture
+
+
+def test_release_drains_before_destroying(group):
+    """Item 2: releasing (dropping) a healthy communicator waits for its queued work instead of
+    cancelling it (its peers would hang); later calls raise."""
+    from tandem.comm import CommError, Communicator
+
+    c = Communicator(group, "cuda", timeout=30.0)
+    t = torch.ones(1 << 20, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU time before the all-reduce can run
+    c.all_reduce(t).wait()
+    t.mul_(2)
+    start = time.monotonic()
+    c.release()
+    took = time.monotonic() - start
+    torch.cuda.synchronize()
+    assert took > 0.1, f"release returned after {took:.3f} s: it did not wait for the queued all-reduce"
+    assert torch.equal(t, torch.full_like(t, 2.0))
+    with pytest.raises(CommError, match="the communicator was released"):
+        c.all_reduce(t)
+
+
+def test_watchdog_abort_poisons_the_group_and_abort_all_is_prompt(group):
+    """Items 6 and 1: an operation past its deadline (here: queued behind 2 s of GPU work,
+    with a 0.5 s timeout) is aborted by its fork's watchdog; the parent then raises on its
+    next call, check and synchronize. abort_all revokes a communicator and its forks, then
+    aborts them (on the real NCCL: no error, later calls raise)."""
+    from tandem import build_info
+    from tandem.comm import CommError, Communicator, abort_all
+
+    c = Communicator(group, "cuda", timeout=30.0)
+    fork = c.fork(timeout=0.5)
+    t = torch.ones(1024, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(4_000_000_000)  # ~2 s
+    fork.all_reduce(t).wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            c.check()
+        except CommError as e:
+            assert "a communicator of this group failed before" in str(e) and "timed out" in str(e), e
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the watchdog did not abort the late operation")
+    with pytest.raises(CommError, match="failed before"):
+        c.synchronize(timeout=10)
+    torch.cuda.synchronize()
+    d = Communicator(group, "cuda", timeout=30.0)
+    forks = [d.fork(), d.fork()]
+    forks[0].all_reduce(t).synchronize(timeout=30)
+    start = time.monotonic()
+    abort_all([d])
+    took = time.monotonic() - start
+    assert took < 1.0, f"abort_all took {took:.2f} s (ncclCommRevoke: {build_info()['nccl_revoke']})"
+    for x in [d] + forks:
+        with pytest.raises(CommError, match="aborted"):
+            x.all_reduce(t)
+    torch.cuda.synchronize()
+
+
 def _two_gpus(rank, n):
     from tandem.comm import Communicator, StageLink, row_parallel_linear
 
@@ -198,6 +294,16 @@ def _two_gpus(rank, n):
         fresh.send_backward(torch.full((64, 128), 5.0, device="cuda"))
         fresh.wait_sends()
 
+    # point-to-point moves bytes: int16 (which NCCL cannot reduce) crosses a StageLink
+    dyn = StageLink(comm, None if rank == 0 else 0, 1 if rank == 0 else None, shapes="dynamic", timeout=30.0)
+    shorts = torch.arange(-300, 300, dtype=torch.int16, device="cuda").view(20, 30)
+    if rank == 0:
+        dyn.send_forward(shorts)
+        dyn.wait_sends()
+    else:
+        got = dyn.recv_forward()
+        assert got.dtype == torch.int16 and torch.equal(got, shorts)
+
     def shard(r):  # rank r's x [37, K/tp] and w [32, K/tp]
         gen = torch.Generator(device="cuda").manual_seed(r)
         return torch.randn(37, 64, device="cuda", generator=gen), torch.randn(32, 64, device="cuda", generator=gen)
@@ -213,3 +319,37 @@ def _two_gpus(rank, n):
 def test_nccl_two_gpus_collectives_stage_link_overlap():
     a, b = run_ranks(2, _two_gpus, timeout=120)
     torch.testing.assert_close(a, b)  # the all-reduced output is the same on both ranks
+
+
+def _abort_with_a_silent_peer(rank, n):
+    """Rank 1's compute stream waits for a forward receive that rank 0 never sends; a backward
+    send (another fork) is queued behind that stream. StageLink.abort() must return at once
+    (all forks revoked first), not when the receive's watchdog fires (60 s)."""
+    from tandem.comm import CommError, Communicator, StageLink
+
+    torch.cuda.set_device(rank)
+    comm = Communicator(dist.group.WORLD, f"cuda:{rank}", timeout=60.0)
+    link = StageLink(comm, None if rank == 0 else 0, 1 if rank == 0 else None, shapes="static", timeout=60.0)
+    took = None
+    if rank == 0:
+        link.send_forward(torch.ones(8, device="cuda"))  # agrees the static shape; no more follow
+        link.wait_sends()
+    else:
+        link.recv_forward()
+        handle = link.irecv_forward()  # agreed shape: no header, so the host does not wait
+        x = handle.wait()  # the current stream waits; the host does not
+        link.send_backward(torch.ones(8, device="cuda"))  # its comm stream waits for the current stream
+        time.sleep(0.5)
+        start = time.monotonic()
+        link.abort()
+        took = time.monotonic() - start
+        with pytest.raises(CommError, match="aborted"):
+            link.send_backward(x)
+    dist.barrier()  # gloo: rank 0 stays until rank 1 measured (its link then released unused)
+    return took
+
+
+@pytest.mark.multigpu
+def test_stage_link_abort_returns_at_once_with_a_silent_peer():
+    _, took = run_ranks(2, _abort_with_a_silent_peer, timeout=120)
+    assert took < 1.0, f"StageLink.abort() took {took:.2f} s"

@@ -245,3 +245,34 @@ def test_tokenizer_trained_here_round_trips(tmp_path):
     assert "".join(stream.step(i) for i in byte.encode("é!")) == "é!"  # the first byte of é waits
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         Tokenizer.from_dir(str(tmp_path / "none"))
+
+
+def test_mistral_and_unsupported_fields(tmp_path):
+    """MistralForCausalLM loads (exact within its sliding window) and saves as Mistral; fields
+    tandem cannot compute are refused by name."""
+    from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+
+    import tandem.hf
+
+    torch.manual_seed(2)
+    hf = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                          sliding_window=16)).to(torch.float64).eval()
+    hf.save_pretrained(str(tmp_path / "in"))
+    model = tandem.hf.load_model(str(tmp_path / "in"))
+    assert model.architecture == "MistralForCausalLM" and model.config.max_seq_len == 16  # the window
+    with torch.no_grad():
+        _close(model(_prompt()), hf(_prompt()).logits, "mistral logits")
+    tandem.hf.save_model(model, str(tmp_path / "out"))
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float64).eval()
+    assert type(back).__name__ == "MistralForCausalLM"
+    with torch.no_grad():
+        _close(back(_prompt()).logits, hf(_prompt()).logits, "mistral saved, read by transformers")
+    config = json.loads((tmp_path / "in" / "config.json").read_text())
+    for field, value, message in (("hidden_act", "gelu", "hidden_act='gelu' is not supported"),
+                                  ("head_dim", 16, "head_dim=16 with 4 heads != hidden_size=32"),
+                                  ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0},
+                                   "rope_type 'yarn' is not supported")):
+        _write(str(tmp_path / field), {**config, field: value}, None)
+        with pytest.raises(ValueError, match=message):
+            tandem.hf.load_model(str(tmp_path / field))

@@ -2,8 +2,10 @@
 
 Every case compares the op with the plain PyTorch composite F.gelu(F.linear(...)) at the same
 dtype: its error against a float64 reference may be at most twice the composite's (plus half
-an ulp of the largest value). Aligned shapes take the cuBLASLt epilogue path (tanh); N or K
-not a multiple of 8, misaligned or strided views, and "none" take the general path.
+an ulp of the largest value). Aligned fp16/bf16 shapes with "tanh" take the cuBLASLt epilogue
+path, and the path counters (tandem._C._linear_gelu_paths) prove it: the general path is also
+what the comparison uses, so a fused path that never ran would pass the comparison alone. N or
+K not a multiple of 8, misaligned views, "none", and fp32 take the general path.
 """
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem import ops
+from tandem import _C, ops
 from tandem.nn import FusedLinearGELU
 
 pytestmark = pytest.mark.cuda
@@ -69,6 +71,22 @@ def _fused(approximate):
     return lambda x, w, b: ops.linear_bias_gelu(x, w, b, approximate)
 
 
+def _takes_epilogue(k, n, dtype, approximate, layout="contiguous"):
+    """Whether cuBLASLt's epilogue must run: fp16/bf16, tanh, N and K multiples of 8, and
+    16-byte aligned operands (strided inputs are copied to packed ones first)."""
+    return (approximate == "tanh" and dtype in (torch.float16, torch.bfloat16) and k % 8 == 0 and n % 8 == 0
+            and layout != "offset")
+
+
+def _paths_of(fn, *args):
+    """fn(*args) and the paths the fused ops took meanwhile."""
+    _C._reset_linear_gelu_paths()
+    out = fn(*args)
+    paths = {k: v for k, v in _C._linear_gelu_paths().items() if v}
+    _C._reset_linear_gelu_paths()
+    return out, paths
+
+
 def _max_err(a, ref):
     return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
 
@@ -95,7 +113,9 @@ CASES = [(s, "contiguous") for s in ALIGNED + UNALIGNED] + [(ALIGNED[0], "offset
 def test_forward_and_grads(case, dtype, bias, approximate):
     (lead, k, n), layout = case
     x, w, b, grad_out = _inputs(lead, k, n, dtype, bias, layout)
-    got = _run(_fused(approximate), x, w, b, grad_out)
+    got, paths = _paths_of(_run, _fused(approximate), x, w, b, grad_out)
+    want = "forward_epilogue" if _takes_epilogue(k, n, dtype, approximate, layout) else "forward_general"
+    assert paths == {want: 1}, paths
     plain = _run(_composite(approximate), x, w, b, grad_out)
     exact = _run(_composite(approximate), *_float64(x, w, b), grad_out.double())
     _assert_within_twice_composite(got, plain, exact, dtype, ["out", "dx", "dw", "db"])
@@ -163,9 +183,10 @@ def test_module_matches_linear_gelu_on_cuda():
 
 @pytest.mark.parametrize("allow_tf32", [False, True], ids=["fp32", "tf32"])
 def test_float32_follows_torchs_matmul_precision(allow_tf32):
-    """fp32 on the epilogue path computes as torch's own GEMM is told to
-    (torch.backends.cuda.matmul.allow_tf32): within twice the composite's error either way,
-    and with TF32 its forward error is TF32's (10-bit mantissa), far above full fp32's."""
+    """fp32 takes the general path (cuBLASLt's epilogue tanh is approximate): torch's own GEMM,
+    as torch.backends.cuda.matmul.allow_tf32 tells it, then the exact GeLU: within twice the
+    composite's error either way, and with TF32 its forward error is TF32's (10-bit
+    mantissa), far above full fp32's."""
     before = torch.backends.cuda.matmul.allow_tf32
     x, w, b, grad_out = _inputs((256,), 512, 1024, torch.float32, True)
     try:
@@ -180,6 +201,59 @@ def test_float32_follows_torchs_matmul_precision(allow_tf32):
     _assert_within_twice_composite(got, plain, exact, torch.float32, ["out", "dx", "dw", "db"])
     if allow_tf32:
         assert _max_err(got[0], exact[0]) > 8 * _max_err(full[0], exact[0]), "the forward did not use TF32"
+
+
+def test_float32_is_exact_and_follows_the_new_precision_api():
+    """Items 5 and 9: fp32 never takes the approximate epilogue (its error stays fp32's, ~1e-6
+    here, not the epilogue tanh's ~1e-4), and tandem never reads TF32 flags itself: after a
+    mix of the legacy and the new API (torch.backends.cuda.matmul.fp32_precision, where
+    torch's allow_tf32 getter raises), the fused op runs exactly where F.linear runs."""
+    x, w, b, grad_out = _inputs((256,), 512, 1024, torch.float32, True)
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        (got, _), paths = _paths_of(lambda: (ops.linear_bias_gelu(x, w, b).detach(), None))
+        assert paths == {"forward_general": 1}, paths
+        exact = F.gelu(F.linear(*_float64(x, w, b)), approximate="tanh")
+        assert _max_err(got, exact) < 2e-5, _max_err(got, exact)
+        if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+            pytest.skip(f"torch {torch.__version__} has no fp32_precision API")
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # the new API only: a mixed state
+        try:
+            plain = F.gelu(F.linear(x, w, b), approximate="tanh")
+        except RuntimeError as e:  # torch's own matmul refuses: tandem may refuse too
+            with pytest.raises(RuntimeError):
+                ops.linear_bias_gelu(x, w, b)
+            pytest.skip(f"torch's own matmul refuses the mixed state: {e}")
+        fused = ops.linear_bias_gelu(x, w, b)
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)  # the same GEMM
+        assert _max_err(fused, exact) > 8 * _max_err(got, exact), "the new API's TF32 was not used"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before  # the legacy setter sets both APIs
+
+
+def test_fused_op_in_a_cuda_graph():
+    """Item 8: cuBLASLt's workspace comes from torch's caching allocator, which serves a
+    capture from the graph's private pool: the fused op (epilogue path) can be captured, and
+    a replay equals the eager call on new inputs."""
+    x, w, b, _ = _inputs((64,), 256, 512, torch.bfloat16, True)
+    x, w, b = (t.detach() for t in (x, w, b))
+    static_x = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (heuristic, workspace)
+        ops.linear_bias_gelu(static_x, w, b)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    _C._reset_linear_gelu_paths()
+    with torch.cuda.graph(graph):
+        static_out = ops.linear_bias_gelu(static_x, w, b)
+    assert _C._linear_gelu_paths()["forward_epilogue"] == 1
+    new_x = torch.randn_like(x)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_out, ops.linear_bias_gelu(new_x, w, b))
 
 
 def test_bad_input_on_cuda_raises_clearly():
@@ -211,5 +285,7 @@ def test_linear_dgelu_bgrad_on_cuda(n2, n, approximate, dtype):
 
     exact = reference(*_float64(pre, w, grad))
     plain = reference(pre, w, grad)
-    got = ops.linear_dgelu_bgrad(grad, w, pre, approximate)
+    got, paths = _paths_of(ops.linear_dgelu_bgrad, grad, w, pre, approximate)
+    epilogue = _takes_epilogue(n2, n, dtype, approximate)
+    assert paths == {"dgelu_bgrad_epilogue" if epilogue else "dgelu_bgrad_general": 1}, paths
     _assert_within_twice_composite(got, plain, exact, dtype, ["grad_pre", "grad_bias"])

@@ -283,17 +283,26 @@ def test_stage_link_dead_peer_makes_survivors_raise():
     assert procs[0].exitcode == 0 and procs[2].exitcode == 0, [p.exitcode for p in procs]
 
 
-def test_single_hardware_queue_is_warned_about(monkeypatch):
-    """CUDA_DEVICE_MAX_CONNECTIONS=1 and early receives can stall pipeline ranks on GPUs:
-    a StageLink over NCCL warns (the check itself, without a GPU)."""
+def test_serialising_cuda_settings_are_warned_about(monkeypatch):
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 and CUDA_LAUNCH_BLOCKING=1 with early receives can stall
+    pipeline ranks on GPUs until their timeout: a StageLink over NCCL warns about each (the
+    check itself, without a GPU)."""
     import warnings
 
-    from tandem.comm._stage_link import _warn_single_connection
+    from tandem.comm._stage_link import _serialising_settings, _warn_serialising_settings
 
+    monkeypatch.delenv("CUDA_LAUNCH_BLOCKING", raising=False)
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     with pytest.warns(RuntimeWarning, match="CUDA_DEVICE_MAX_CONNECTIONS=1 puts every stream in one hardware queue"):
-        _warn_single_connection()
+        _warn_serialising_settings()
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
+    monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "1")
+    with pytest.warns(RuntimeWarning, match="CUDA_LAUNCH_BLOCKING=1 makes posting a receive wait"):
+        _warn_serialising_settings()
+    both = _serialising_settings({"CUDA_DEVICE_MAX_CONNECTIONS": "1", "CUDA_LAUNCH_BLOCKING": "1"})
+    assert [w.split("=")[0] for w in both] == ["CUDA_DEVICE_MAX_CONNECTIONS", "CUDA_LAUNCH_BLOCKING"]
+    assert _serialising_settings({"CUDA_LAUNCH_BLOCKING": "0", "CUDA_DEVICE_MAX_CONNECTIONS": "32"}) == []
+    monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _warn_single_connection()
+        _warn_serialising_settings()

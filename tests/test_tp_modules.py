@@ -123,7 +123,8 @@ def _vocab_cases(rank, world_size):
         want.backward()
         local = shard_of(logits, -1, rank, world_size).clone().requires_grad_()
         got = vocab_parallel_cross_entropy(local, target, label_smoothing=smoothing, mesh=mesh)
-        torch.testing.assert_close(got, want.float(), msg=lambda m: f"ce smoothing={smoothing}: {m}")
+        assert got.dtype == torch.float64  # never downcast
+        torch.testing.assert_close(got, want, msg=lambda m: f"ce smoothing={smoothing}: {m}")
         got.backward()
         torch.testing.assert_close(local.grad, shard_of(full.grad, -1, rank, world_size),
                                    msg=lambda m: f"ce grad smoothing={smoothing}: {m}")
@@ -148,7 +149,13 @@ def test_cross_entropy_without_tp_equals_the_sharded_formula(dtype):
             a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
             got = vocab_parallel_cross_entropy(a, target, label_smoothing=smoothing, mesh=Mesh.single())
             want = sharded_cross_entropy(b, target, TPInfo(Mesh.single()), label_smoothing=smoothing)
-            assert got.dtype == want.dtype == torch.float32
+            # low precision is upcast to float32; float64 stays float64, as in F.cross_entropy
+            assert got.dtype == want.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            flat = (logits.float() if dtype == torch.bfloat16 else logits).reshape(-1, 16)
+            ref = torch.nn.functional.cross_entropy(flat, target.reshape(-1), label_smoothing=smoothing) \
+                if ignored < 15 else None
+            if ref is not None:
+                torch.testing.assert_close(got, ref, msg=lambda m: f"{dtype} against F.cross_entropy: {m}")
             torch.testing.assert_close(got, want, msg=lambda m: f"{dtype} smoothing={smoothing}: {m}")
             got.backward()
             want.backward()

@@ -1,7 +1,10 @@
 // Argument checks and operation descriptions shared by every Communicator backend.
 #include "comm/communicator.h"
 
+#include <cstdio>
 #include <sstream>
+
+#include "comm/errors.h"
 
 namespace tandem::comm {
 
@@ -150,6 +153,18 @@ std::vector<WorkPtr> Communicator::batch_p2p(const std::vector<P2POp>& ops) {
   }
   if (ops.empty()) return {};
   return do_batch_p2p(ops, whats);
+}
+
+void Communicator::synchronize(std::optional<double> timeout_s) {
+  const double limit = timeout_s.value_or(timeout_s_);
+  TORCH_CHECK_VALUE(limit > 0, "tandem.comm (", who(), "): synchronize: timeout must be positive, got ", limit, " s");
+  const bool idle = wait_idle(limit);
+  check();  // a failure explains more than the timeout
+  if (!idle) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%.3g s", limit);
+    throw CommTimeout(who() + ": synchronize: operations still in flight after " + buf);
+  }
 }
 
 }  // namespace tandem::comm

@@ -14,6 +14,8 @@
 
 namespace tandem::comm {
 
+struct NcclState;  // comm/nccl_state.h (CUDA builds)
+
 enum class ReduceOp { kSum, kProduct, kMax, kMin };
 
 // "sum" | "prod" | "product" | "max" | "min"
@@ -69,10 +71,25 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   // An orderly end (NCCL: finalize, which waits for this communicator's pending operations
   // on every rank, then destroy); later operations raise CommError. Collective: every rank
   // closes. Past timeout_s the communicator is aborted and CommTimeout raised. Without
-  // close() the destructor aborts (local, never waits for peers).
+  // close() the destructor releases it (local: drains, then destroys; see release()).
   virtual void close(std::optional<double> timeout_s) { abort(); }
-  // Raises the pending asynchronous error (NCCL watchdog), if any.
+  // A local end (NCCL: waits on the host for the operations in flight, until timeout_s or
+  // else their own deadlines, then ncclCommDestroy; aborts instead when they do not end in
+  // time or the communicator failed). Later operations raise. c10d: close().
+  virtual void release(std::optional<double> timeout_s) { close(timeout_s); }
+  // Raises the pending asynchronous error (NCCL watchdog), if any, or the failure of a
+  // communicator sharing its failure domain (NCCL).
   virtual void check() {}
+  // Blocks the host until every operation posted so far ended (at most timeout_s); returns
+  // whether they did (true once the communicator failed: check() raises). Never raises.
+  // c10d: true (its waits already are host waits).
+  virtual bool wait_idle(double timeout_s) { return true; }
+  // wait_idle(timeout_s), then check(): the operations posted so far completed without a
+  // failure, here or in the communicator's failure domain, or this raises
+  // (CommTimeoutError when they are still in flight after timeout_s).
+  void synchronize(std::optional<double> timeout_s);
+  // The NCCL communicator's state (abort_all, failure domains); nullptr for other backends.
+  virtual std::shared_ptr<NcclState> nccl_state() const { return nullptr; }
   // Memory for a receive that may skip waiting for the caller's stream (P2POp::fresh).
   // NCCL: allocated on the comm stream; whoever reads it on another stream calls
   // record_stream after waiting for the receive (StageLink does). Others: at::empty.
@@ -103,6 +120,15 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
 };
 
 using CommunicatorPtr = std::shared_ptr<Communicator>;
+
+// Aborts `comms` (local: never waits for a peer): NCCL communicators are all revoked first
+// (their kernels exit, so no stream of one waits for another's), then aborted. With
+// `failure_domains`, also every NCCL communicator sharing a failure domain with one of them
+// (a mesh's communicators and their forks). Later operations on them raise CommError.
+void abort_all(const std::vector<CommunicatorPtr>& comms, bool failure_domains);
+// Makes `other` (and every communicator of its failure domain) share `comm`'s failure
+// domain: a failure of one poisons all. NCCL communicators only; others are left alone.
+void share_failure_domain(const CommunicatorPtr& comm, const CommunicatorPtr& other);
 
 // "float32[4, 8]"
 std::string tensor_signature(const at::Tensor& t);

@@ -9,7 +9,23 @@
 #include <mutex>
 #include <vector>
 
+#include "comm/errors.h"
+
 namespace tandem::comm {
+
+void require_not_capturing(cudaStream_t stream, const std::string& what) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t r = cudaStreamIsCapturing(stream, &status);
+  if (r == cudaErrorStreamCaptureImplicit) {  // the legacy stream while another one captures
+    (void)cudaGetLastError();
+    status = cudaStreamCaptureStatusActive;
+  } else {
+    C10_CUDA_CHECK(r);
+  }
+  if (status != cudaStreamCaptureStatusNone)
+    throw CommError(what + ": the stream is capturing a CUDA graph; tandem's NCCL operations cannot be "
+                    "captured (the host watches their completion and deadlines): run them outside the graph");
+}
 
 namespace {
 

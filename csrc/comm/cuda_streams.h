@@ -7,7 +7,15 @@
 #ifdef TANDEM_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
 
+#include <string>
+
 namespace tandem::comm {
+
+// Raises CommError naming `what` when `stream` is capturing a CUDA graph (or cannot be
+// used because another stream captures): tandem's NCCL operations are watched from the host
+// (events, a watchdog, deadlines), which a graph replay would bypass, and a stream wait on
+// an event recorded outside the capture would invalidate it.
+void require_not_capturing(cudaStream_t stream, const std::string& what);
 
 class StreamLease {
  public:

@@ -1,14 +1,15 @@
 #pragma once
 // The NCCL backend: tandem's own ncclComm_t (non-blocking mode) and its own high-priority
 // comm stream (lent from tandem's own streams, not torch's shared pool, so no other
-// library's kernels queue behind its collectives). Ordering between the caller's current stream and the comm stream uses CUDA
-// events only: no host synchronisation, no reliance on CUDA_DEVICE_MAX_CONNECTIONS.
+// library's kernels queue behind its collectives). Ordering between the caller's current
+// stream and the comm stream uses CUDA events only: no host synchronisation, no reliance on
+// CUDA_DEVICE_MAX_CONNECTIONS. The host side (creation, posting, watchdog, ends) is NcclCore.
 #ifdef TANDEM_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
 
 #include "comm/communicator.h"
 #include "comm/cuda_streams.h"
-#include "comm/nccl_watchdog.h"
+#include "comm/nccl_core.h"
 
 namespace tandem::comm {
 
@@ -20,16 +21,20 @@ class NcclCommunicator final : public Communicator {
   // Collective over the group: every rank calls it with the same unique_id.
   static std::shared_ptr<NcclCommunicator> create(const std::string& unique_id, int rank, int size,
                                                    int device_index, double timeout_s);
-  ~NcclCommunicator() override;
+  // Releases (drains, then destroys) a healthy communicator; see NcclCore::release.
+  ~NcclCommunicator() override = default;
 
   std::string backend() const override { return "nccl"; }
-  // ncclCommSplit (same ranks) with its own comm stream.
+  // ncclCommSplit (same ranks) with its own comm stream, in this one's failure domain.
   CommunicatorPtr fork(std::optional<double> timeout_s) override;
-  void abort() override;
+  void abort() override { core_.abort(); }
   void close(std::optional<double> timeout_s) override;
-  void check() override;
+  void release(std::optional<double> timeout_s) override { core_.release(timeout_s); }
+  void check() override { core_.check(); }
+  bool wait_idle(double timeout_s) override { return core_.wait_idle(timeout_s); }
   c10::cuda::CUDAStream stream() const { return stream_; }
   at::Tensor empty_for_recv(at::IntArrayRef shape, at::ScalarType dtype) override;
+  std::shared_ptr<NcclState> nccl_state() const override { return core_.state(); }
 
  protected:
   WorkPtr do_all_reduce(const at::Tensor& t, ReduceOp op, std::string what) override;
@@ -48,11 +53,10 @@ class NcclCommunicator final : public Communicator {
                                      bool after_caller = true);
   WorkPtr make_work(std::string what, std::shared_ptr<CudaEvent> end, std::vector<at::Tensor> tensors);
 
-  std::shared_ptr<NcclState> state_;
   c10::DeviceIndex device_index_;
   StreamLease stream_lease_;  // before stream_: it is initialised from it
   c10::cuda::CUDAStream stream_;
-  std::unique_ptr<NcclWatchdog> watchdog_;
+  NcclCore core_;  // last: destroyed (released) first
 };
 
 }  // namespace tandem::comm

@@ -98,7 +98,14 @@ void bind(py::module_& m) {
       .def("fork", &Communicator::fork, py::arg("timeout") = py::none(), Release())
       .def("abort", &Communicator::abort, Release())
       .def("close", &Communicator::close, py::arg("timeout") = py::none(), Release())
-      .def("check", &Communicator::check, Release());
+      .def("release", &Communicator::release, py::arg("timeout") = py::none(), Release())
+      .def("check", &Communicator::check, Release())
+      .def("synchronize", &Communicator::synchronize, py::arg("timeout") = py::none(), Release());
+
+  m.def("_abort_all", &abort_all, py::arg("comms"), py::arg("failure_domains"), Release(),
+        "Abort communicators: NCCL ones all revoked first, then aborted.");
+  m.def("_share_failure_domain", &share_failure_domain, py::arg("comm"), py::arg("other"), Release(),
+        "other (and its failure domain) joins comm's failure domain (NCCL only).");
 
   m.def("_c10d_communicator",
         [](const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const std::string& device, double timeout_s) {

@@ -2,6 +2,7 @@
 // general path (ATen GEMM + one fused elementwise pass) and the split backward. The CUDA
 // forward first tries one cuBLASLt matmul with a GeLU epilogue (linear_gelu_cuda.cu).
 #include "ops/linear_gelu.h"
+#include "ops/lt_policy.h"
 
 #include <c10/core/DeviceGuard.h>
 
@@ -85,8 +86,8 @@ std::tuple<Tensor, Tensor> forward(const Tensor& input, const Tensor& weight,
   const Gelu kind = parse_gelu(approximate, op);
   const at::OptionalDeviceGuard guard(input.device());
 #ifdef TANDEM_WITH_CUDA
-  // cuBLASLt has a tanh-GeLU epilogue only; "none" (erf) takes the general path.
-  if (input.is_cuda() && kind == Gelu::kTanh && input.scalar_type() != at::kDouble) {
+  // cuBLASLt's epilogue: fp16/bf16 with tanh-GeLU (lt_policy.h); the rest takes the general path.
+  if (input.is_cuda() && cublaslt_epilogue_eligible(input.scalar_type(), kind)) {
     const Tensor x = as_tokens(input);
     const Tensor w = weight.contiguous();
     std::optional<Tensor> b;
@@ -94,11 +95,13 @@ std::tuple<Tensor, Tensor> forward(const Tensor& input, const Tensor& weight,
     Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
     Tensor pre = keep_pre ? at::empty_like(out) : Tensor();
     if (linear_gelu_cublaslt(x, w, b, out, keep_pre ? &pre : nullptr)) {
+      count_path(LtPath::kForwardEpilogue);
       const auto shape = with_last(input.sizes(), weight.size(0));
       return {out.view(shape), keep_pre ? pre.view(shape) : Tensor()};
     }
   }
 #endif
+  count_path(LtPath::kForwardGeneral);
   return linear_bias_gelu_fwd_general(input, weight, bias, kind, keep_pre);
 }
 
@@ -188,14 +191,16 @@ std::tuple<Tensor, Tensor> linear_dgelu_bgrad(const Tensor& grad_output, const T
   const Tensor g = as_tokens(grad_output);
   const Tensor p = as_tokens(pre_activation);
 #ifdef TANDEM_WITH_CUDA
-  if (g.is_cuda() && kind == Gelu::kTanh && g.scalar_type() != at::kDouble) {
+  if (g.is_cuda() && cublaslt_epilogue_eligible(g.scalar_type(), kind)) {
     Tensor grad_pre = at::empty_like(p);
     Tensor grad_bias = at::empty({weight.size(1)}, p.options());
     if (linear_dgelu_bgrad_cublaslt(g, weight.contiguous(), p, grad_pre, grad_bias)) {
+      count_path(LtPath::kDgeluEpilogue);
       return {grad_pre.view(pre_activation.sizes()), grad_bias};
     }
   }
 #endif
+  count_path(LtPath::kDgeluGeneral);
   const Tensor up = at::mm(g, weight);  // (M, N2) @ (N2, N) -> (M, N): the gradient of gelu(pre)
   Tensor grad_pre = at::empty_like(p);
   gelu_backward(up, p, grad_pre, kind);  // (M, N) * gelu'(pre)

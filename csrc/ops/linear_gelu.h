@@ -35,9 +35,10 @@ void gelu_backward_cpu(const Tensor& grad_out, const Tensor& pre, Tensor& grad_p
 void gelu_forward_cuda(const Tensor& pre, Tensor& out, Gelu kind);
 void gelu_backward_cuda(const Tensor& grad_out, const Tensor& pre, Tensor& grad_pre, Gelu kind);
 // One cuBLASLt matmul whose epilogue adds the bias and applies tanh-GeLU, storing the
-// pre-activation in `pre` when it is given (GELU_AUX_BIAS). Returns false, having written
-// nothing, when cuBLASLt cannot take these operands (alignment, leading dimensions, no
-// algorithm): the caller then takes the general path.
+// pre-activation in `pre` when it is given (GELU_AUX_BIAS); fp16 and bf16 only (lt_policy.h).
+// Returns false, having written nothing, when cuBLASLt cannot take these operands
+// (alignment, leading dimensions) or has no kernel for them (CUBLAS_STATUS_NOT_SUPPORTED):
+// the caller then takes the general path. Any other cuBLASLt failure raises.
 bool linear_gelu_cublaslt(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                           Tensor& out, Tensor* pre);
 // grad_pre = (grad_output @ weight) * gelu'(pre) and grad_bias = sum of grad_pre over

@@ -1,15 +1,9 @@
-// CUDA side of the fused linear+GeLU: the cuBLASLt forward with a GeLU epilogue, and the
-// elementwise kernels of the general path and of backward (math from gelu_math.h).
-#include <ATen/Context.h>
+// CUDA kernels of the fused linear+GeLU: the elementwise GeLU passes of the general path and
+// of backward (math from gelu_math.h). The cuBLASLt epilogue path: linear_gelu_cublaslt.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <cublasLt.h>
-
-#include <map>
-#include <mutex>
-#include <tuple>
 
 #include "ops/linear_gelu.h"
 
@@ -42,65 +36,6 @@ __global__ void gelu_backward_kernel(const scalar_t* __restrict__ grad_out, cons
   }
 }
 
-#define TANDEM_CUBLASLT_CHECK(expr)                                                         \
-  do {                                                                                      \
-    const cublasStatus_t _s = (expr);                                                       \
-    TORCH_CHECK(_s == CUBLAS_STATUS_SUCCESS, "tandem: ", #expr, " failed: ",                \
-                cublasLtGetStatusName(_s), " (", cublasLtGetStatusString(_s), ")");          \
-  } while (0)
-
-// Owns the cuBLASLt descriptors of one matmul.
-struct LtDescriptors {
-  cublasLtMatmulDesc_t op = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
-  cublasLtMatmulPreference_t pref = nullptr;
-  ~LtDescriptors() {
-    if (pref) cublasLtMatmulPreferenceDestroy(pref);
-    if (d) cublasLtMatrixLayoutDestroy(d);
-    if (b) cublasLtMatrixLayoutDestroy(b);
-    if (a) cublasLtMatrixLayoutDestroy(a);
-    if (op) cublasLtMatmulDescDestroy(op);
-  }
-};
-
-cudaDataType_t cuda_type(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return CUDA_R_32F;
-    case at::kHalf: return CUDA_R_16F;
-    case at::kBFloat16: return CUDA_R_16BF;
-    default: TORCH_CHECK(false, "tandem: no cuBLASLt type for ", t);
-  }
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// The largest power of two <= 256 that divides the address (cuBLASLt's alignment classes).
-uint32_t alignment_of(const void* p) {
-  uint32_t a = 256;
-  while (a > 1 && reinterpret_cast<uintptr_t>(p) % a) a /= 2;
-  return a;
-}
-
-constexpr size_t kWorkspaceBytes = 32 << 20;  // what cuBLASLt asks for on Hopper
-
-// The algorithm the heuristic picks depends on the problem (device, sizes, dtype, epilogue)
-// and on the operands' alignments (it may pick kernels that assume 256-byte alignment):
-// ask once per problem and alignment.
-using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, uint32_t>;
-struct CachedAlgo {
-  bool found = false;  // false: cuBLASLt has no (working) kernel for the problem
-  cublasLtMatmulAlgo_t algo{};
-};
-struct AlgoCache {
-  static constexpr size_t kMaxEntries = 4096;  // problems with ever new sizes (decoding) start over
-  std::mutex mu;
-  std::map<AlgoKey, CachedAlgo> algos;
-};
-AlgoCache& algo_cache() {
-  static AlgoCache cache;
-  return cache;
-}
-
 }  // namespace
 
 void gelu_forward_cuda(const Tensor& pre, Tensor& out, Gelu kind) {
@@ -124,153 +59,6 @@ void gelu_backward_cuda(const Tensor& grad_out, const Tensor& pre, Tensor& grad_
         kind);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-}
-
-namespace {
-
-// One cuBLASLt matmul in column-major terms, D (m x n, ld m) = op(A) (m x k) * B (k x n), with
-// an epilogue. Row-major callers pass their problem transposed (see the callers).
-struct LtGemm {
-  int64_t m, n, k;
-  const void* a;
-  cublasOperation_t trans_a;
-  int64_t a_rows, a_cols;  // A as stored, column-major, packed (ld = a_rows)
-  const void* b;           // B is k x n, packed (ld = k)
-  void* d;
-  at::ScalarType dtype;
-  cublasLtEpilogue_t epilogue;
-  const void* bias = nullptr;  // bias in, or the bias gradient out (BGRAD epilogues)
-  void* aux = nullptr;         // GeLU pre-activation, m x n (ld m)
-};
-
-// Returns false, having launched nothing, when cuBLASLt has no kernel for the problem.
-bool lt_gemm(const LtGemm& g, const at::TensorOptions& options) {
-  const cudaDataType_t dt = cuda_type(g.dtype);
-  LtDescriptors desc;
-  // fp32 operands follow torch's matmul precision (torch.backends.cuda.matmul.allow_tf32), as
-  // the general path's GEMM does; half types accumulate in fp32
-  const bool tf32 = g.dtype == at::kFloat && at::globalContext().allowTF32CuBLAS();
-  TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&desc.op, tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
-                                                 CUDA_R_32F));
-  const cublasOperation_t trans_b = CUBLAS_OP_N;
-  TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, &g.trans_a, sizeof(g.trans_a)));
-  TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b, sizeof(trans_b)));
-  TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &g.epilogue, sizeof(g.epilogue)));
-  if (g.bias) {
-    TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
-    TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &dt, sizeof(dt)));
-  }
-  if (g.aux) {
-    const int64_t aux_ld = g.m;
-    TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &g.aux, sizeof(g.aux)));
-    TANDEM_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof(aux_ld)));
-  }
-  TANDEM_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&desc.a, dt, g.a_rows, g.a_cols, g.a_rows));
-  TANDEM_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&desc.b, dt, g.k, g.n, g.k));
-  TANDEM_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&desc.d, dt, g.m, g.n, g.m));
-  const size_t ws_bytes = kWorkspaceBytes;
-  TANDEM_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&desc.pref));
-  TANDEM_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof(ws_bytes)));
-  // The heuristic assumes 256-byte aligned operands unless told otherwise.
-  const uint32_t align_a = alignment_of(g.a), align_b = alignment_of(g.b), align_d = alignment_of(g.d);
-  TANDEM_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
-  TANDEM_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
-  TANDEM_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
-  TANDEM_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
-
-  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  // every pointer's alignment class, a nibble each (log2: 1..256 -> 0..8, none -> 15): A, B, D, bias, aux
-  const void* pointers[5] = {g.a, g.b, g.d, g.bias, g.aux};
-  uint32_t aligns = 0;
-  for (int i = 0; i < 5; ++i) {
-    uint32_t log2 = 15;  // absent
-    if (pointers[i] != nullptr) {
-      log2 = 0;
-      for (uint32_t a = alignment_of(pointers[i]); a > 1; a /= 2) ++log2;
-    }
-    aligns = aligns * 16 + log2;
-  }
-  const AlgoKey key{options.device().index(), g.m, g.n, g.k, static_cast<int>(g.dtype),
-                    (static_cast<int>(g.epilogue) * 2 + (g.trans_a == CUBLAS_OP_T)) * 2 + tf32, aligns};
-  CachedAlgo algo;
-  {
-    AlgoCache& cache = algo_cache();
-    std::lock_guard<std::mutex> lock(cache.mu);
-    auto it = cache.algos.find(key);
-    if (it == cache.algos.end()) {
-      cublasLtMatmulHeuristicResult_t heuristic = {};
-      int found = 0;
-      const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(handle, desc.op, desc.a, desc.b, desc.d, desc.d,
-                                                               desc.pref, 1, &heuristic, &found);
-      CachedAlgo entry;
-      if (hs == CUBLAS_STATUS_SUCCESS && found > 0) {
-        entry.found = true;
-        entry.algo = heuristic.algo;
-      }
-      if (cache.algos.size() >= AlgoCache::kMaxEntries) cache.algos.clear();
-      it = cache.algos.emplace(key, entry).first;
-    }
-    algo = it->second;
-  }
-  if (!algo.found) return false;  // cuBLASLt has no kernel for this problem: general path
-
-  // from the caching allocator, stream-ordered: reused, not cudaMalloc'ed, after the first call
-  auto workspace = at::empty({static_cast<int64_t>(kWorkspaceBytes)}, options.dtype(at::kByte));
-  const float alpha = 1.0f, beta = 0.0f;
-  const cublasStatus_t st = cublasLtMatmul(handle, desc.op, &alpha, g.a, desc.a, g.b, desc.b, &beta, g.d, desc.d,
-                                           g.d, desc.d, &algo.algo, workspace.data_ptr(), ws_bytes,
-                                           at::cuda::getCurrentCUDAStream());
-  if (st != CUBLAS_STATUS_SUCCESS) {  // an algorithm it offered but cannot run: general path from now on
-    AlgoCache& cache = algo_cache();
-    std::lock_guard<std::mutex> lock(cache.mu);
-    cache.algos[key].found = false;
-    return false;
-  }
-  return true;
-}
-
-// cuBLASLt wants packed, 16-byte aligned operands; aux leading dimensions a multiple of 8.
-bool lt_fits(std::initializer_list<const Tensor*> tensors, std::initializer_list<int64_t> dims) {
-  for (const Tensor* t : tensors) {
-    if (t && (!t->is_contiguous() || !aligned16(t->const_data_ptr()))) return false;
-  }
-  for (int64_t d : dims) {
-    if (d <= 0 || d % 8) return false;
-  }
-  return true;
-}
-
-}  // namespace
-
-bool linear_gelu_cublaslt(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                          Tensor& out, Tensor* pre) {
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  if (M == 0 || !lt_fits({&x, &weight, &out, pre, bias ? &*bias : nullptr}, {N, K})) return false;
-  // Column-major view of the row-major out[M, N] = x[M, K] @ weight[N, K]^T:
-  //   D (N x M) = op(A) (N x K) * B (K x M), A = weight stored as col-major K x N, op = T,
-  //   B = x stored as col-major K x M. The bias is a vector over D's rows (N).
-  LtGemm g{N, M, K, weight.const_data_ptr(), CUBLAS_OP_T, K, N, x.const_data_ptr(), out.data_ptr(),
-           x.scalar_type(), CUBLASLT_EPILOGUE_GELU};
-  if (bias) g.epilogue = pre ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_BIAS;
-  else if (pre) g.epilogue = CUBLASLT_EPILOGUE_GELU_AUX;
-  g.bias = bias ? bias->const_data_ptr() : nullptr;
-  g.aux = pre ? pre->data_ptr() : nullptr;  // pre [M, N] row-major = N x M col-major, ld N
-  return lt_gemm(g, x.options());
-}
-
-bool linear_dgelu_bgrad_cublaslt(const Tensor& grad_output, const Tensor& weight, const Tensor& pre,
-                                 Tensor& grad_pre, Tensor& grad_bias) {
-  const int64_t M = grad_output.size(0), N2 = grad_output.size(1), N = weight.size(1);
-  if (M == 0 || !lt_fits({&grad_output, &weight, &pre, &grad_pre, &grad_bias}, {N, N2})) return false;
-  // Column-major view of grad_pre[M, N] = (grad_output[M, N2] @ weight[N2, N]) * gelu'(pre[M, N]):
-  //   D (N x M) = A (N x N2) * B (N2 x M), A = weight stored as col-major N x N2, op = N,
-  //   B = grad_output stored as col-major N2 x M. DGELU_BGRAD multiplies by gelu'(aux) and
-  //   sums D's rows into the bias gradient (N).
-  LtGemm g{N, M, N2, weight.const_data_ptr(), CUBLAS_OP_N, N, N2, grad_output.const_data_ptr(),
-           grad_pre.data_ptr(), grad_output.scalar_type(), CUBLASLT_EPILOGUE_DGELU_BGRAD};
-  g.bias = grad_bias.data_ptr();
-  g.aux = const_cast<void*>(pre.const_data_ptr());  // read-only for DGELU
-  return lt_gemm(g, grad_output.options());
 }
 
 }  // namespace tandem::ops

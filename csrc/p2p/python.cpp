@@ -70,6 +70,8 @@ void bind(py::module_& m) {
       .def("wait_sends", &StageLink::wait_sends, py::arg("timeout") = py::none(), Release())
       .def("post_error", &StageLink::post_error, Release())
       .def("abort", &StageLink::abort, Release())
+      .def("synchronize", &StageLink::synchronize, py::arg("timeout") = py::none(), Release())
+      .def("release", &StageLink::release, py::arg("timeout") = py::none(), Release())
       .def("progress", py::overload_cast<>(&StageLink::progress), Release())
       .def_property_readonly("stage", &StageLink::stage)
       .def_property_readonly("prev_rank", &StageLink::prev)

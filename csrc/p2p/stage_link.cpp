@@ -152,9 +152,44 @@ void StageLink::connect() {
   }
 }
 
-void StageLink::abort() {
-  for (auto* forks : {&fwd_, &bwd_})
-    for (auto& c : *forks) c->abort();
+std::vector<comm::CommunicatorPtr> StageLink::forks() const {
+  std::vector<comm::CommunicatorPtr> all(fwd_);
+  all.insert(all.end(), bwd_.begin(), bwd_.end());
+  return all;
+}
+
+void StageLink::abort() { comm::abort_all(forks(), /*failure_domains=*/false); }
+
+void StageLink::release(std::optional<double> timeout_s) {
+  for (const auto& c : forks()) c->release(timeout_s);
+}
+
+void StageLink::synchronize(std::optional<double> timeout_s) {
+  const double limit = timeout_s.value_or(timeout_s_);
+  TORCH_CHECK_VALUE(limit > 0, "tandem.comm.StageLink (stage ", stage_, "): synchronize: timeout must be positive, got ",
+                    limit, " s");
+  const std::string what = "stage " + std::to_string(stage_) + ": synchronize";
+  const auto deadline = deadline_after(limit);
+  wait_sends(limit);  // CPU: the host waits; CUDA: the current stream does (then the host, below)
+  try {
+    for (const auto& c : forks()) {
+      while (!c->wait_idle(std::chrono::duration<double>(ErrorBoard::kCheckInterval).count())) {
+        board_.check(Clock::now() >= deadline);  // a peer's posted failure ends the wait
+        if (Clock::now() >= deadline)
+          throw comm::CommTimeout("transfers still in flight after " + seconds(limit));
+      }
+    }
+    for (const auto& c : forks()) c->check();  // a failure here or in the failure domain
+  } catch (const comm::CommTimeout& e) {
+    throw comm::CommTimeout(what + ": " + e.what());
+  } catch (const comm::CommError& e) {
+    try {
+      board_.check(true);  // a peer's posted error explains ours
+    } catch (const comm::CommError& posted) {
+      throw comm::CommError(what + ": a stage reported: " + posted.what());
+    }
+    throw comm::CommError(what + ": " + e.what());
+  }
 }
 
 void StageLink::fail(Direction& d, const std::string& why) {

@@ -76,8 +76,19 @@ class StageLink : public std::enable_shared_from_this<StageLink> {
   void progress();
   // Posts `message` on the error board: every stage waiting on this link's board raises it.
   void post_error(const std::string& message) { board_.post(message); }
-  // Aborts the link's communicators (local: never waits for a peer); later calls raise.
+  // Aborts the link's communicators (local: never waits for a peer): all revoked first, so a
+  // fork whose stream waits behind another fork's stuck receive does not hold the abort;
+  // later calls raise.
   void abort();
+  // The host waits until every transfer posted on the link so far completed (at most
+  // timeout_s, default the link's; reading the error board), then raises if one failed
+  // (here, or anywhere in the communicators' failure domain). On CUDA, where waits only
+  // order streams, call it before the optimizer steps on what the link received: a receive
+  // the watchdog aborted (a peer died) leaves its buffer unfilled and the stream runs on.
+  void synchronize(std::optional<double> timeout_s);
+  // A local end: every fork released (waits for its transfers in flight, then destroys it;
+  // aborts it when they do not end in time or it failed). Later calls raise.
+  void release(std::optional<double> timeout_s);
 
   int stage() const { return stage_; }
   std::optional<int> prev() const { return prev_; }
@@ -109,6 +120,7 @@ class StageLink : public std::enable_shared_from_this<StageLink> {
 
   // Uses every fork's edges once, while every rank is here (see stage_link.cpp).
   void connect();
+  std::vector<comm::CommunicatorPtr> forks() const;  // fwd_ then bwd_
   void post_send(Direction& d, const at::Tensor& t);
   std::shared_ptr<RecvHandle> post_recv(Direction& d);
   // Puts queued receives of d on the wire while their metadata is known (non-blocking).

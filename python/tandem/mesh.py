@@ -93,11 +93,13 @@ class Mesh:
         store, so that the other ranks' next agreement on it (PipelineRunner, generate)
         stops at once instead of waiting for this rank. Using its communicators later
         raises, naming ``reason``."""
+        from tandem.comm import abort_all
+
         first = self._aborted is None
         if first:
             self._aborted = reason
-        for comm in self._comms.values():
-            comm.abort()
+        # with their forks (the StageLinks'): all revoked first, so none waits for another
+        abort_all(self._comms.values())
         key, store = self._abort_key(), job_store()
         if first and key is not None and store is not None:
             try:  # the first reason stays; best effort: every rank fails on its own anyway
@@ -129,13 +131,23 @@ class Mesh:
         scope = self._scope()
         return None if scope is None else f"tandem/aborted/{scope}"
 
+    def synchronize(self, timeout: Optional[float] = None) -> None:
+        """Block the host until every operation posted on the mesh's communicators (and
+        their forks, through their failure domain) so far completed, at most ``timeout``
+        seconds each (default the mesh's), and raise if one failed. On CUDA waits only order
+        streams; this is the host check before an optimizer steps on what they delivered."""
+        for comm in self._comms.values():
+            comm.synchronize(self.timeout if timeout is None else timeout)
+
     def _comm(self, name: str):
         self.raise_if_aborted()
         if name not in self._comms:
             from tandem.comm import Communicator
 
-            self._comms[name] = Communicator(getattr(self, f"{name}_group"), self.device,
-                                             timeout=self.timeout)
+            comm = Communicator(getattr(self, f"{name}_group"), self.device, timeout=self.timeout)
+            if self._comms:  # one failure domain: a failure of one makes every later use raise
+                next(iter(self._comms.values())).share_failure_domain(comm)
+            self._comms[name] = comm
         return self._comms[name]
 
     @property

@@ -25,7 +25,9 @@ def linear_bias_gelu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     """``gelu(input @ weight.T + bias)``: F.linear then F.gelu(approximate=...), fused.
 
     input is [..., in_features], weight [out_features, in_features], bias [out_features].
-    Differentiable; on CUDA with approximate="tanh" one cuBLASLt matmul with a GeLU epilogue.
+    Differentiable. On CUDA in fp16/bf16 with approximate="tanh": one cuBLASLt matmul with a
+    GeLU epilogue; fp32 takes torch's GEMM and the exact GeLU (the epilogue's tanh is
+    approximate). ``tandem._C._linear_gelu_paths()`` counts which path ran.
     """
     return torch.ops.tandem.linear_bias_gelu(input, weight, bias, approximate)
 
@@ -53,9 +55,9 @@ def linear_dgelu_bgrad(grad_output: Tensor, weight: Tensor, pre_activation: Tens
     (grad_pre = (grad_output @ weight) * gelu'(pre), grad_bias = grad_pre summed over tokens).
 
     weight is the next layer's [N2, N]; pre_activation [..., N] is what
-    :func:`linear_bias_gelu_fwd` kept. On CUDA ("tanh") one cuBLASLt matmul with the
-    DGELU_BGRAD epilogue: the MLP's fc2 input-gradient GEMM also does fc1's GeLU backward and
-    bias gradient.
+    :func:`linear_bias_gelu_fwd` kept. On CUDA (fp16/bf16, "tanh") one cuBLASLt matmul with
+    the DGELU_BGRAD epilogue: the MLP's fc2 input-gradient GEMM also does fc1's GeLU backward
+    and bias gradient.
     """
     return torch.ops.tandem.linear_dgelu_bgrad(grad_output, weight, pre_activation, approximate)
 

@@ -20,17 +20,20 @@ SUITES = {
     "overlap": ("bench_overlap.py", 2, [], ["--tokens", "256", "--out-features", "256", "--chunks", "1,2,4"]),
     "tp": ("bench_tp.py", 2, [], ["--quick"]),
     "pipeline": ("bench_pipeline.py", 2, [], ["--microbatches", "2", "4", "--layers", "2", "--hidden", "64"]),
+    # one process that starts a gloo world per layout (tp1, tp2, pp2, tp2xpp2) itself
+    "generate": ("bench_generate.py", 1, [], ["--quick"]),
 }
 
 
 def add_parser(sub):
-    p = sub.add_parser("bench", help="microbenchmarks: gemm, comm, p2p, overlap, tp, pipeline, all")
+    p = sub.add_parser("bench", help="microbenchmarks: gemm, comm, p2p, overlap, tp, pipeline, generate, all")
     p.add_argument("suite", choices=[*SUITES, "all"])
     p.add_argument("--quick", action="store_true", help="small sizes (a CPU runs each suite in seconds)")
     p.add_argument("--json", metavar="DIR", nargs="?", const="runs/bench",
                    help="write one JSON file per suite into DIR (default runs/bench)")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
-    p.add_argument("--nproc", type=int, default=None, help="ranks of the multi-rank suites (default 2)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="ranks of the multi-rank suites (default 2; generate starts the ranks of its layouts itself)")
     p.set_defaults(run=run)
 
 

@@ -4,12 +4,17 @@ import json
 import os
 
 
-def _figure():
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _figure():
+    plt = _pyplot()
     return plt, *plt.subplots(figsize=(6.5, 3.8))
 
 
@@ -81,6 +86,32 @@ def _bars(record, out, name, key, label):
     return _save(plt, fig, ax, f"{name}\n{_caption(record)}", os.path.join(out, f"{name}.png"))
 
 
+def _generate(record, out, name):
+    """Per layout, one request's latency (ttft, tpot) and N requests' tokens/s (one batch,
+    and with pp > 1 the request groups in flight), side by side."""
+    plt = _pyplot()
+    fig, (lat, thr) = plt.subplots(1, 2, figsize=(10, 3.8))
+    rows = record["results"]
+    layouts = list(dict.fromkeys(r["layout"] for r in rows))
+    x = list(range(len(layouts)))
+    most = max(r["requests"] for r in rows)
+    one = {r["layout"]: r for r in rows if r["requests"] == 1}
+    batch = {r["layout"]: r for r in rows if r["requests"] == most and r["groups"] == 1}
+    flight = {r["layout"]: r for r in rows if r["requests"] == most and r["groups"] > 1}
+    bars = ((lat, one, "ttft_ms", -0.2, "time to first token"), (lat, one, "tpot_ms", 0.2, "time per output token"),
+            (thr, batch, "tokens_per_s", -0.2, f"{most} requests, one batch"),
+            (thr, flight, "tokens_per_s", 0.2, f"{most} requests, pp groups in flight"))
+    for ax, rows_of, key, shift, label in bars:
+        ax.bar([i + shift for i in x], [rows_of[l][key] if l in rows_of else 0 for l in layouts], 0.4, label=label)
+    for ax, unit in ((lat, "ms (1 request)"), (thr, "tokens/s")):
+        ax.set_xticks(x, layouts)
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    lat.set_title("latency of one request", fontsize=9)
+    return _save(plt, fig, thr, f"{name}: throughput\n{_caption(record)}", os.path.join(out, f"{name}.png"))
+
+
 def plot_all(files: dict, out: str) -> list:
     """{suite: json path} -> the PNG paths written into ``out``."""
     os.makedirs(out, exist_ok=True)
@@ -98,6 +129,8 @@ def plot_all(files: dict, out: str) -> list:
             pngs.append(_pipeline(record, out, name))
         elif name == "overlap":
             pngs.append(_bars(record, out, name, "ms", "time (ms)"))
+        elif name == "generate":
+            pngs.append(_generate(record, out, name))
         elif name == "tp":
             pngs.append(_bars(record, out, name, "ratio", "tandem / PyTorch TP step time"))
     return pngs

@@ -9,7 +9,7 @@
 """
 
 from tandem.comm._communicator import (DEFAULT_TIMEOUT, CommError, CommTimeoutError, Communicator,
-                                       Work)
+                                       Work, abort_all)
 from tandem.comm._overlap import column_parallel_backward, column_parallel_linear, row_parallel_linear
 from tandem.comm._stage_link import RecvHandle, StageLink
 
@@ -19,6 +19,7 @@ __all__ = [
     "CommError",
     "CommTimeoutError",
     "DEFAULT_TIMEOUT",
+    "abort_all",
     "StageLink",
     "RecvHandle",
     "row_parallel_linear",

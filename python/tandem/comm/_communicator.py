@@ -11,7 +11,7 @@ from __future__ import annotations
 import atexit
 import math
 import weakref
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from tandem import _C
 
-__all__ = ["Communicator", "Work", "CommError", "CommTimeoutError", "DEFAULT_TIMEOUT"]
+__all__ = ["Communicator", "Work", "CommError", "CommTimeoutError", "DEFAULT_TIMEOUT", "abort_all"]
 
 Work = _C.Work
 CommError = _C.CommError
@@ -48,14 +48,30 @@ _live_nccl: "weakref.WeakSet[Communicator]" = weakref.WeakSet()
 
 
 @atexit.register
-def _abort_live_nccl() -> None:
-    """At interpreter exit, abort NCCL communicators still alive (globals, cycles): their
-    watchdog threads must not poll CUDA and NCCL while those tear down."""
+def _release_live_nccl() -> None:
+    """At interpreter exit, release NCCL communicators (and StageLinks) still alive
+    (globals, cycles): their watchdog threads must not poll CUDA and NCCL while those tear
+    down. A healthy one first waits for its operations in flight (their peers are waiting
+    for them; at most until their deadlines), then is destroyed; a failed one, or one whose
+    operations do not end in time, is aborted."""
     for comm in list(_live_nccl):
         try:
-            comm.abort()
+            comm.release()
         except Exception:  # exiting anyway: nothing left to report it to
             pass
+
+
+def abort_all(comms: Iterable[Union["Communicator", object]]) -> None:
+    """Abort every communicator in ``comms`` and every NCCL communicator sharing a failure
+    domain with one of them (see :meth:`Communicator.share_failure_domain`; a communicator's
+    forks, StageLinks' included, share its domain). Local: never waits for a peer.
+
+    NCCL's abort synchronises the communicator's streams, which wait for the caller's
+    stream, which may wait for a receive of another communicator from a dead peer: aborted
+    one by one, each would wait for the next one's watchdog. So all are revoked first (NCCL
+    2.27+: their kernels exit at once), then aborted. Later operations on them raise."""
+    impls = [c._impl if isinstance(c, Communicator) else c for c in comms]
+    _C._abort_all(impls, True)
 
 
 class Communicator:
@@ -167,18 +183,46 @@ class Communicator:
         return Communicator(self.group, _impl=self._impl.fork(timeout))
 
     def abort(self) -> None:
-        """Tear the communicator down: pending and later operations raise CommError."""
+        """Tear the communicator down (local, never waits for a peer): pending and later
+        operations raise CommError. NCCL: revoke, then abort, outside the communicator's
+        lock, so calls from other threads (``is_completed``, ``check``) never wait for it.
+        To abort several whose streams depend on each other, use :func:`abort_all`."""
         self._impl.abort()
+
+    def release(self, timeout: Optional[float] = None) -> None:
+        """A local end. NCCL: the host waits for this communicator's operations in flight
+        (at most ``timeout`` seconds, default until their own deadlines), then destroys it;
+        it is aborted instead when they do not end in time or it failed (pending operations
+        would otherwise end without communicating, and their peers hang). Dropping a
+        communicator, and interpreter exit, release it. c10d: like :meth:`close`."""
+        self._impl.release(timeout)
+
+    def synchronize(self, timeout: Optional[float] = None) -> None:
+        """Block the host until every operation posted so far completed (at most
+        ``timeout`` seconds, default the communicator's; CommTimeoutError past it), then
+        raise if it, or a communicator of its failure domain, failed. On CUDA a Work's
+        ``wait()`` only orders streams: an operation the watchdog aborted (a peer died) ends
+        with its output unfilled; call this before using results on the host or stepping an
+        optimizer on them. c10d: raises a recorded failure (its waits are host waits)."""
+        self._impl.synchronize(timeout)
+
+    def share_failure_domain(self, other: "Communicator") -> None:
+        """Put ``other`` (and its forks) in this communicator's failure domain: once one of
+        them fails (an NCCL error, a watchdog timeout), every later operation, wait, check
+        and synchronize of each raises, naming the first failure. A mesh shares one domain
+        over its communicators. NCCL only (a no-op for c10d)."""
+        _C._share_failure_domain(self._impl, other._impl)
 
     def close(self, timeout: Optional[float] = None) -> None:
         """An orderly end (collective: every rank closes). NCCL: finalize, which waits for
         this communicator's pending operations on every rank (at most ``timeout`` seconds,
         default the communicator's; past it the communicator is aborted and
         CommTimeoutError raised), then destroy. c10d: later operations raise; the group
-        stays the caller's. A communicator dropped without close() is aborted (local: it
-        never waits for peers)."""
+        stays the caller's. A communicator dropped without close() is released (local: see
+        :meth:`release`)."""
         self._impl.close(timeout)
 
     def check(self) -> None:
-        """Raise the pending asynchronous error (NCCL), if any."""
+        """Raise the pending asynchronous error (NCCL), if any, or the failure of a
+        communicator of its failure domain (no host wait: see :meth:`synchronize`)."""
         self._impl.check()

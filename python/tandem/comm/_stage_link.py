@@ -38,15 +38,34 @@ def _default_board(comm: Communicator):
     return store, "tandem/stagelink/" + "-".join(map(str, ranks)) + f"/{n}/error"
 
 
-def _warn_single_connection() -> None:
-    """Early-posted receives keep NCCL kernels waiting on the GPU while other work runs; with
-    one hardware queue (CUDA_DEVICE_MAX_CONNECTIONS=1, which some TP setups ask for) that
-    other work queues behind them, and a peer whose send depends on it never sends."""
-    if os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
-        warnings.warn("tandem.comm.StageLink: CUDA_DEVICE_MAX_CONNECTIONS=1 puts every stream in one "
-                      "hardware queue, where a receive posted early blocks the kernels queued after it "
-                      "and pipeline ranks can wait on each other until the timeout; unset it (or set "
-                      "it to 8 or more) for pipeline parallelism", RuntimeWarning, stacklevel=3)
+def _serialising_settings(environ) -> list[str]:
+    """The settings in ``environ`` under which an early-posted receive can stall a pipeline
+    until its timeout, each with why. A receive posted early keeps an NCCL kernel waiting on
+    the GPU while other work runs; then:
+
+    - ``CUDA_DEVICE_MAX_CONNECTIONS=1`` (which some TP setups ask for) puts every stream in
+      one hardware queue: the kernels queued after that receive wait behind it, and a peer
+      whose send depends on them never sends;
+    - ``CUDA_LAUNCH_BLOCKING=1`` makes every launch wait until the kernel ended: posting the
+      receive (its kernel waits for the peer's send) blocks the host, which never reaches
+      the compute and sends that the peer waits for.
+    """
+    found = []
+    if environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
+        found.append("CUDA_DEVICE_MAX_CONNECTIONS=1 puts every stream in one hardware queue, where a "
+                     "receive posted early blocks the kernels queued after it; unset it (or set it to 8 "
+                     "or more)")
+    if environ.get("CUDA_LAUNCH_BLOCKING", "0") not in ("", "0"):
+        found.append("CUDA_LAUNCH_BLOCKING=1 makes posting a receive wait until it landed, so this rank "
+                     "never reaches the sends its peer waits for; unset it (it is for debugging kernels "
+                     "one at a time)")
+    return found
+
+
+def _warn_serialising_settings() -> None:
+    for why in _serialising_settings(os.environ):
+        warnings.warn(f"tandem.comm.StageLink: {why}: pipeline ranks can wait on each other until "
+                      "the timeout", RuntimeWarning, stacklevel=3)
 
 
 class StageLink:
@@ -93,9 +112,9 @@ class StageLink:
             store, board_key = _default_board(comm)
         self._impl = _C._StageLink(comm._impl, prev_rank, next_rank, shapes, float(timeout),
                                    store, board_key)
-        if comm.backend == "nccl":  # its forks are NCCL communicators too: abort them at exit
+        if comm.backend == "nccl":  # its forks are NCCL communicators too: release them at exit
             _live_nccl.add(self)
-            _warn_single_connection()
+            _warn_serialising_settings()
 
     @property
     def stage(self) -> int:
@@ -128,8 +147,29 @@ class StageLink:
         return self._impl.board_key
 
     def abort(self) -> None:
-        """Abort the link's communicators (local: never waits for a peer); later calls raise."""
+        """Abort the link's communicators (local: never waits for a peer; all revoked first,
+        so a fork whose stream waits behind another fork's stuck receive does not hold it
+        up); later calls raise."""
         self._impl.abort()
+
+    def synchronize(self, timeout: Optional[float] = None) -> None:
+        """Block the host until every transfer posted on the link so far completed (at most
+        ``timeout`` seconds, default the link's; reading the error board), then raise
+        CommError if one failed, here or in its failure domain (the mesh's communicators).
+
+        On CUDA a receive's ``wait()`` only orders streams: a receive that the watchdog
+        aborted because its peer died ends with its buffer unfilled, and the stream runs on.
+        When you drive a StageLink yourself, call ``link.synchronize()`` after a step's last
+        transfer and before ``optimizer.step()``, so that such a step raises instead of
+        updating the weights with what it never received. (``PipelineRunner.step()`` does
+        this before it returns.)"""
+        self._impl.synchronize(timeout)
+
+    def release(self, timeout: Optional[float] = None) -> None:
+        """A local end: each of the link's communicators waits for its transfers in flight
+        (at most ``timeout`` seconds, default until their deadlines), then is destroyed, or
+        aborted when they do not end in time or it failed. Later calls raise."""
+        self._impl.release(timeout)
 
     def post_error(self, message: str) -> None:
         """Post ``message`` on the error board: peers waiting on this link raise it."""

@@ -74,7 +74,7 @@ def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, *, ignore_index
 
     Three all-reduces of [...]-sized tensors (max, sum of exp, target logit; a fourth for
     label smoothing) replace gathering [..., V]. Without tp (the whole vocabulary here) it is
-    ATen's fused cross entropy on the float32 logits, with the same mean (0 when every target
+    ATen's fused cross entropy on the logits upcast to at least float32, with the same mean (0 when every target
     is ignored).
     """
     if not 0.0 <= label_smoothing <= 1.0:
@@ -84,11 +84,16 @@ def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, *, ignore_index
                          f"target shape {tuple(target.shape)} (expected logits [..., V/tp] for target [...])")
     tp = TPInfo(mesh)
     if tp.comm is None:
-        z = logits.float().reshape(-1, logits.shape[-1])  # (N, V)
+        z = _at_least_fp32(logits).reshape(-1, logits.shape[-1])  # (N, V)
         total = F.cross_entropy(z, target.reshape(-1), ignore_index=ignore_index, reduction="sum",
                                 label_smoothing=label_smoothing)
         return total / (target != ignore_index).sum().clamp(min=1).to(total.dtype)
     return sharded_cross_entropy(logits, target, tp, ignore_index=ignore_index, label_smoothing=label_smoothing)
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Low precision upcast to float32; float32 and float64 kept (as F.cross_entropy keeps them)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def sharded_cross_entropy(logits: Tensor, target: Tensor, tp: TPInfo, *, ignore_index: int = -100,
@@ -98,7 +103,7 @@ def sharded_cross_entropy(logits: Tensor, target: Tensor, tp: TPInfo, *, ignore_
     comm = tp.comm
     local_v = logits.shape[-1]
     vocab = local_v * tp.size
-    z = logits.float()
+    z = _at_least_fp32(logits)
     # max over the full vocabulary, for stability only (no gradient flows through it)
     m = z.detach().amax(-1)
     if comm is not None:

@@ -64,9 +64,9 @@ def fail_every_rank(e: BaseException, who: str, board: ErrorBoard, mesh, link=No
     else:  # its peers stop too, then it goes on as it is
         message = f"{who}: stopped by {type(e).__name__}"
     board.post(message)
+    mesh.abort(message)  # first: it revokes the link's forks with the mesh's communicators
     if link is not None:
         link.abort()
-    mesh.abort(message)
     if isinstance(e, Exception) and not isinstance(e, PipelineError):
         error = PipelineError(message)
         error.__cause__ = e

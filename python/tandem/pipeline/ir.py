@@ -47,6 +47,10 @@ class ActionKind(enum.Enum):
     SEND_B = "SEND_B"
     RECV_B = "RECV_B"
 
+    # members are singletons compared by identity: hash them by identity too, in C (Enum's
+    # own __hash__ is a Python call, and the simulator hashes actions millions of times)
+    __hash__ = object.__hash__
+
     @property
     def is_compute(self) -> bool:
         """True for F, B and W."""
@@ -77,6 +81,15 @@ class Action:
         _check_index("microbatch", self.microbatch)
         if not isinstance(self.kind, ActionKind):
             raise TypeError(f"kind must be an ActionKind, got {self.kind!r}")
+
+    @classmethod
+    def _unchecked(cls, stage: int, kind: ActionKind, microbatch: int) -> "Action":
+        """An Action from values already known valid (lowering builds many)."""
+        a = object.__new__(cls)
+        object.__setattr__(a, "stage", stage)
+        object.__setattr__(a, "kind", kind)
+        object.__setattr__(a, "microbatch", microbatch)
+        return a
 
     def __str__(self) -> str:
         return f"{self.stage}{self.kind.value}{self.microbatch}"

@@ -70,50 +70,53 @@ def _check_compute(actions: Mapping[int, Sequence[Action]],
                 raise ScheduleError(f"{a} appears twice: rank {pos[a][0]} step {pos[a][1]} "
                                     f"and rank {r} step {i}")
             pos[a] = (r, i)
-    compute = [a for a in pos if a.kind.is_compute]
-    if not compute:
+    step = {(a.stage, a.kind, a.microbatch): ri[1] for a, ri in pos.items() if a.kind.is_compute}
+    if not step:
         raise ScheduleError("the lists hold no F, B or W action")
-    m = max(a.microbatch for a in compute) + 1
-    split = any(a.kind is K.W for a in compute)
+    m = max(key[2] for key in step) + 1
+    split = any(key[1] is K.W for key in step)
     kinds = (K.F, K.B, K.W) if split else (K.F, K.B)
     for s in range(layout.num_stages):
         for mb in range(m):
             for kind in kinds:
-                if Action(s, kind, mb) not in pos:
+                if (s, kind, mb) not in step:
                     why = (" (the lists have W elsewhere: split every backward into B and W, "
                            "or none)" if kind is K.W else "")
                     raise ScheduleError(f"{Action(s, kind, mb)} is missing: every stage runs "
                                         f"{'/'.join(k.value for k in kinds)} for microbatches "
                                         f"0..{m - 1}{why}")
     # order on one rank: F before B before W; local hand-overs between stages in order
-    for a, (r, i) in pos.items():
+    ranks = layout.ranks
+    for (stage, kind, mb), i in step.items():
+        r = ranks[stage]
         before = []
-        if a.kind is K.B:
-            before.append(Action(a.stage, K.F, a.microbatch))
-            if a.stage + 1 < layout.num_stages and layout.rank_of(a.stage + 1) == r:
-                before.append(Action(a.stage + 1, K.B, a.microbatch))
-        elif a.kind is K.W:
-            before.append(Action(a.stage, K.B, a.microbatch))
-        elif a.kind is K.F and a.stage > 0 and layout.rank_of(a.stage - 1) == r:
-            before.append(Action(a.stage - 1, K.F, a.microbatch))
+        if kind is K.B:
+            before.append((stage, K.F, mb))
+            if stage + 1 < len(ranks) and ranks[stage + 1] == r:
+                before.append((stage + 1, K.B, mb))
+        elif kind is K.W:
+            before.append((stage, K.B, mb))
+        elif kind is K.F and stage > 0 and ranks[stage - 1] == r:
+            before.append((stage - 1, K.F, mb))
         for dep in before:
-            if pos[dep][1] > i:
-                raise ScheduleError(f"rank {r} step {i}: {a} comes before {dep} "
-                                    f"(step {pos[dep][1]}), which it needs")
+            if step[dep] > i:
+                raise ScheduleError(f"rank {r} step {i}: {Action(stage, kind, mb)} comes before "
+                                    f"{Action(*dep)} (step {step[dep]}), which it needs")
     return _Summary(layout, m, split)
 
 
 def _message(a: Action, layout: StageLayout) -> tuple[Action, Action] | None:
     """(send, receive) carrying the output of compute action ``a`` to another rank."""
-    if a.kind is K.F and a.stage + 1 < layout.num_stages:
-        peer = a.stage + 1
-        pair = (Action(a.stage, K.SEND_F, a.microbatch), Action(peer, K.RECV_F, a.microbatch))
-    elif a.kind is K.B and a.stage > 0:
-        peer = a.stage - 1
-        pair = (Action(a.stage, K.SEND_B, a.microbatch), Action(peer, K.RECV_B, a.microbatch))
-    else:
-        return None
-    return pair if layout.rank_of(peer) != layout.rank_of(a.stage) else None
+    ranks, s, mb = layout.ranks, a.stage, a.microbatch
+    if a.kind is K.F and s + 1 < len(ranks):
+        if ranks[s + 1] == ranks[s]:
+            return None
+        return Action._unchecked(s, K.SEND_F, mb), Action._unchecked(s + 1, K.RECV_F, mb)
+    if a.kind is K.B and s > 0:
+        if ranks[s - 1] == ranks[s]:
+            return None
+        return Action._unchecked(s, K.SEND_B, mb), Action._unchecked(s - 1, K.RECV_B, mb)
+    return None
 
 
 def validate_lowered(lists: Mapping[int, Sequence[Action]]) -> _Summary:
@@ -190,15 +193,21 @@ def lower(schedule, costs: CostsLike = None) -> dict[int, list[Action]]:
     ``DeadlockError`` when the compute order itself cannot run, ``ScheduleError`` for
     malformed lists.
     """
+    return _lower(schedule, costs)[0]
+
+
+def _lower(schedule, costs: CostsLike) -> tuple[dict[int, list[Action]], _Summary]:
+    """``lower`` and the summary of the lists it checked (valid lowered lists either way)."""
     if isinstance(schedule, Schedule):
         given = schedule._lowered_as_written()
         lists = given if given is not None else schedule.compute_actions()
     else:
         lists = _as_lists(schedule)
     if any(not a.kind.is_compute for lst in lists.values() for a in lst):
-        validate_lowered(lists)
-        return {r: list(lst) for r, lst in lists.items()}
-    layout, _, split = _check_compute(lists)
+        summary = validate_lowered(lists)
+        return {r: list(lst) for r, lst in lists.items()}, summary
+    summary = _check_compute(lists)
+    layout, _, split = summary
     records = _execute(lists, layout, costs, split, explicit_comm=False)
     start = {rec.action: rec.start_s for rec in records}
     ends = {r: [] for r in lists}  # end times of each rank's computes, in list order
@@ -223,4 +232,4 @@ def lower(schedule, costs: CostsLike = None) -> dict[int, list[Action]]:
             seq += sends[r, i]
         seq += [recv for *_, recv in sorted(posts[r, len(lst)], key=lambda t: t[:3])]
         out[r] = seq
-    return out
+    return out, summary

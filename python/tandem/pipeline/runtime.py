@@ -229,7 +229,9 @@ class PipelineRunner:
     def step(self, inputs: Optional[Tensor] = None, targets: Optional[Tensor] = None) -> Tensor:
         """One training step over ``num_microbatches`` microbatches; returns the mean loss
         on every rank. ``inputs`` are needed on the first stage, ``targets`` on the last.
-        Gradients accumulate into ``param.grad`` (tied weights included) until zeroed."""
+        Gradients accumulate into ``param.grad`` (tied weights included) until zeroed. On
+        CUDA it returns once the step's communication completed on the GPU (a host wait), so
+        that a transfer that failed raises here, before the optimizer steps on its result."""
         with self._failing_every_rank():
             kept = self._set_aside_tied_grads()
             try:
@@ -237,6 +239,7 @@ class PipelineRunner:
                 self._sum_tied_grads(kept)
                 self._all_reduce_dp()
                 loss = self._share_loss()
+                self._check_delivered()
             except BaseException:
                 self._restore_tied_grads(kept)  # what was accumulated before the failed step
                 raise
@@ -252,6 +255,7 @@ class PipelineRunner:
             last = self.stages.get(self.layout.num_stages - 1)
             out = torch.cat(last.outputs_in_order(), dim=0) if last is not None else None
             self._share_loss()  # CPU: also a final check that no stage failed
+            self._check_delivered()
             self._end()
         return out
 
@@ -482,6 +486,16 @@ class PipelineRunner:
                                                     self.timeout, host=host))
         tied = [param for *_, param in self._tied]
         all_reduce_grads(tied, self.mesh)
+
+    def _check_delivered(self) -> None:
+        """The host check before the caller uses the result (steps its optimizer): on CUDA
+        the call's waits only ordered streams, and a receive that the watchdog aborted (a
+        peer died) leaves its buffer unfilled while the stream runs on. The host waits for
+        the call's transfers and collectives and raises (failing every rank) if one failed.
+        On CPU its waits were host waits already: this costs nothing."""
+        if self.p2p is not None:
+            self.p2p.link.synchronize(self.timeout)
+        self.mesh.synchronize(self.timeout)
 
     def _share_loss(self) -> Tensor:
         last = self.stages.get(self.layout.num_stages - 1)

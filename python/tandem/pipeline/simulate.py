@@ -24,6 +24,9 @@ receive to be posted (at the posting costs bench_pipeline measures, none does).
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import heapq
 import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -114,12 +117,12 @@ def simulate(schedule, costs: CostsLike = None, *,
     a SEND record spans its posting; ``comm`` still comes from ``costs``). Raises ``DeadlockError`` naming the blocked step of each rank, or
     ``ScheduleError`` for malformed lists.
     """
-    from tandem.pipeline.lower import lower, validate_lowered
+    from tandem.pipeline.lower import _lower
 
     durations = _check_durations(durations)
-    lowered = lower(schedule, costs)
-    layout, _, split = validate_lowered(lowered)
-    records = _execute(lowered, layout, costs, split, explicit_comm=True, durations=durations)
+    with _gc_paused():  # many small objects, none cyclic: collecting only costs time
+        lowered, (layout, _, split) = _lower(schedule, costs)  # checked (or built) valid
+        records = _execute(lowered, layout, costs, split, explicit_comm=True, durations=durations)
     compute = [rec for rec in records if rec.kind.is_compute]
     makespan = max(rec.end_s for rec in compute) - min(rec.start_s for rec in compute)
     return SimulationResult(timeline=tuple(records), makespan=makespan,
@@ -178,26 +181,24 @@ def _peak_in_flight(lists: Mapping[int, Sequence[Action]], split: bool) -> dict[
 # compute action, keyed (kind, stage, mb)), "posted" (post time of a receive, keyed like
 # the receive) and "landed" (arrival time of a message, keyed like its receive).
 def _deps(a: Action, layout: StageLayout, explicit: bool, delay: float) -> list[tuple]:
-    s, mb, rank = a.stage, a.microbatch, layout.rank_of(a.stage)
-    last = layout.num_stages - 1
-
-    def incoming(src_kind, src_stage, recv_kind):
-        if layout.rank_of(src_stage) == rank:
-            return [("done", (src_kind, src_stage, mb), 0.0)]
-        if explicit:
-            return [("landed", (recv_kind, s, mb), 0.0)]
-        return [("done", (src_kind, src_stage, mb), delay)]
-
-    if a.kind is K.F:
-        return incoming(K.F, s - 1, K.RECV_F) if s > 0 else []
-    if a.kind is K.B:
-        grad = incoming(K.B, s + 1, K.RECV_B) if s < last else []
-        return [("done", (K.F, s, mb), 0.0)] + grad
-    if a.kind is K.W:
+    s, mb, kind = a.stage, a.microbatch, a.kind
+    ranks = layout.ranks
+    if kind is K.F or kind is K.B:
+        src = s - 1 if kind is K.F else s + 1
+        deps = [] if kind is K.F else [("done", (K.F, s, mb), 0.0)]
+        if 0 <= src < len(ranks):  # the data from the neighbouring stage
+            if ranks[src] == ranks[s]:
+                deps.append(("done", (kind, src, mb), 0.0))
+            elif explicit:
+                deps.append(("landed", (K.RECV_F if kind is K.F else K.RECV_B, s, mb), 0.0))
+            else:
+                deps.append(("done", (kind, src, mb), delay))
+        return deps
+    if kind is K.W:
         return [("done", (K.B, s, mb), 0.0)]
-    if a.kind is K.SEND_F:
+    if kind is K.SEND_F:
         return [("done", (K.F, s, mb), 0.0), ("posted", (K.RECV_F, s + 1, mb), 0.0)]
-    if a.kind is K.SEND_B:
+    if kind is K.SEND_B:
         return [("done", (K.B, s, mb), 0.0), ("posted", (K.RECV_B, s - 1, mb), 0.0)]
     return []  # RECV_F / RECV_B: posting never waits
 
@@ -217,51 +218,81 @@ def _describe(table: str, key: tuple, where: dict) -> str:
     return f"the data of {action}, sent by {send} ({at})"
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _execute(lists: Mapping[int, Sequence[Action]], layout: StageLayout, costs: CostsLike,
              split: bool, *, explicit_comm: bool,
              durations: Mapping[Action, float] | None = None) -> list[TimelineRecord]:
     """Run the lists as a dataflow; compute-only lists when ``explicit_comm`` is False
     (remote data lands ``comm`` after its producer ends), lowered lists otherwise.
-    ``durations`` overrides the costs of single actions."""
+    ``durations`` overrides the costs of single actions.
+
+    The order of the records is that of sweeps over the ranks in increasing order, each
+    rank running as far as it can. A rank that waits is visited again only once what it
+    waits for exists: in the same sweep when a lower rank produced it, else in the next."""
     durations = durations or {}
     tables: dict[str, dict[tuple, float]] = {"done": {}, "posted": {}, "landed": {}}
     ranks = sorted(lists)
     pc = {r: 0 for r in ranks}
     clock = {r: 0.0 for r in ranks}
+    waiters: dict[tuple, list[int]] = {}  # (table, key) -> ranks waiting for it
     records: list[TimelineRecord] = []
     pending = sum(len(lists[r]) for r in ranks)
+    sweep, later = list(ranks), set()  # ranks to visit in this sweep (a heap), in the next
+
+    def produced(table: str, key: tuple, value: float, by: int) -> None:
+        tables[table][key] = value
+        for w in waiters.pop((table, key), ()):
+            if w > by:
+                heapq.heappush(sweep, w)
+            else:
+                later.add(w)
+
     while pending:
-        progressed = False
-        for r in ranks:
-            lst = lists[r]
-            while pc[r] < len(lst):
-                a = lst[pc[r]]
-                c = _stage_costs(costs, a.stage)
-                deps = _deps(a, layout, explicit_comm, c.comm)
-                if any(key not in tables[table] for table, key, _ in deps):
-                    break
-                start = max([clock[r]] + [tables[t][k] + d for t, k, d in deps])
-                key = (a.kind, a.stage, a.microbatch)
-                own = durations.get(a)
-                if a.kind.is_compute:
-                    end = start + (c.of(a.kind, split) if own is None else own)
-                    tables["done"][key] = clock[r] = end
-                elif a.kind in (K.RECV_F, K.RECV_B):  # posted once its host work is done
-                    post = c.post_recv if own is None else own
-                    end = tables["posted"][key] = clock[r] = start + post
-                else:  # a send: the rank is free once posted, the data lands after comm
-                    post = c.post_send if own is None else own
-                    end = start + max(c.comm, post)
-                    clock[r] = start + post
-                    target = ((K.RECV_F, a.stage + 1, a.microbatch) if a.kind is K.SEND_F
-                              else (K.RECV_B, a.stage - 1, a.microbatch))
-                    tables["landed"][target] = end
-                records.append(TimelineRecord(r, a.stage, a.kind, a.microbatch, start, end))
-                pc[r] += 1
-                pending -= 1
-                progressed = True
-        if not progressed:
-            raise _deadlock(lists, layout, tables, pc, clock, explicit_comm)
+        if not sweep:
+            if not later:
+                raise _deadlock(lists, layout, tables, pc, clock, explicit_comm)
+            sweep, later = sorted(later), set()
+        r = heapq.heappop(sweep)
+        while sweep and sweep[0] == r:  # woken twice in one sweep
+            heapq.heappop(sweep)
+        lst = lists[r]
+        while pc[r] < len(lst):
+            a = lst[pc[r]]
+            c = _stage_costs(costs, a.stage)
+            deps = _deps(a, layout, explicit_comm, c.comm)
+            missing = next(((t, k) for t, k, _ in deps if k not in tables[t]), None)
+            if missing is not None:
+                waiters.setdefault(missing, []).append(r)
+                break
+            start = max([clock[r]] + [tables[t][k] + d for t, k, d in deps])
+            key = (a.kind, a.stage, a.microbatch)
+            own = durations.get(a) if durations else None
+            if a.kind.is_compute:
+                end = clock[r] = start + (c.of(a.kind, split) if own is None else own)
+                produced("done", key, end, r)
+            elif a.kind in (K.RECV_F, K.RECV_B):  # posted once its host work is done
+                end = clock[r] = start + (c.post_recv if own is None else own)
+                produced("posted", key, end, r)
+            else:  # a send: the rank is free once posted, the data lands after comm
+                post = c.post_send if own is None else own
+                end = start + max(c.comm, post)
+                clock[r] = start + post
+                target = ((K.RECV_F, a.stage + 1, a.microbatch) if a.kind is K.SEND_F
+                          else (K.RECV_B, a.stage - 1, a.microbatch))
+                produced("landed", target, end, r)
+            records.append(TimelineRecord(r, a.stage, a.kind, a.microbatch, start, end))
+            pc[r] += 1
+            pending -= 1
     return records
 
 
