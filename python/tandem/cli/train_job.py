@@ -74,6 +74,11 @@ def check_resumable(args, cfg, dp: int, train) -> str:
     return path
 
 
+def _run_id():
+    """The id torchrun gives a job, the same in each of its restarts (None outside torchrun)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
+
+
 def _kill_spec():
     spec = os.environ.get(KILL_ENV)
     if not spec or restart_count() > 0:
@@ -147,7 +152,8 @@ class Job:
         return {"kind": _KIND, "config": dict(self.cfg.__dict__), "step": step, "schedule": self.schedule.state_dict(),
                 "data": _data_position(self.args, self.cfg, mesh.dp, self.train_data),
                 "layout": {"tp": mesh.tp, "pp": mesh.pp, "dp": mesh.dp}, "tp": mesh.tp, "pp": mesh.pp, "dp": mesh.dp,
-                "tokenizer": (self.train_data.meta or {}).get("tokenizer") if self.train_data is not None else None}
+                "tokenizer": (self.train_data.meta or {}).get("tokenizer") if self.train_data is not None else None,
+                "run": _run_id()}
 
     def save(self, step: int) -> str:
         """Write the checkpoint after ``step`` steps (collective); prune to --keep."""
@@ -183,7 +189,7 @@ class Job:
         from tandem import checkpoint, resume
 
         args, mesh = self.args, self.mesh
-        path = resume.latest(args.out) if restart_count() > 0 else None
+        path = self._latest_of_this_job() if restart_count() > 0 else None
         if path is None and args.resume is not None:
             path = resume.resolve(args.resume, args.out)
         if path is None:
@@ -196,6 +202,16 @@ class Job:
             resume.set_rng_state(resume.rng_from_keys(mesh.rank, rng))
         self.saved_step = extra["step"]
         return extra["step"], path
+
+    def _latest_of_this_job(self):
+        """The newest complete checkpoint in --out that this job wrote (its torchrun run id):
+        an earlier job's checkpoints in the same directory are never picked up by a restart."""
+        from tandem import checkpoint, resume
+
+        for _, path in reversed(resume.list_steps(self.args.out)):
+            if checkpoint.read_extra(path).get("run") == _run_id():
+                return path
+        return None
 
     # --- the test-only kill hook ----------------------------------------------------------------
     def before_step(self, step: int) -> float:
