@@ -100,6 +100,12 @@ def test_resume_tp2_pp2_is_bitwise_and_moves_to_another_layout(tmp_path, text, c
     assert max(abs(x - y) for x, y in zip(_losses(mc)[20:], _losses(ma)[20:])) <= 1e-6
     assert [s["step"] for s in mc["steps"]] == list(range(40))
 
+    # the checkpoint knows its tokenizer (bytes): generate takes and writes text
+    g = subprocess.run([sys.executable, "-m", "tandem", "generate", "--checkpoint", str(a / "checkpoint"), "--prompt",
+                        "The ", "--max-new-tokens", "12"], cwd=ROOT, capture_output=True, text=True, timeout=200,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert g.returncode == 0 and g.stdout.startswith("The ") and len(g.stdout.rstrip("\n")) > 4, g.stderr[-2000:]
+
     # a checkpoint of another run is refused, naming what differs; so is an incomplete one
     common = ["train", "--model", MODEL, "--data", text[0], "--batch-size", "8", "--steps", "40", "--out", str(b)]
     cases = [
