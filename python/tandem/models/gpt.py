@@ -21,6 +21,7 @@ from tandem.nn.embedding import VocabParallelEmbedding, vocab_parallel_cross_ent
 from tandem.nn.linear import ColumnParallelLinear
 from tandem.nn.mlp import ParallelMLP
 from tandem.nn.state import FullStateDictMixin
+from tandem.recomputation import recompute
 
 __all__ = ["GPT", "GPTConfig", "GPTEmbedding", "GPTBlock", "GPTHead", "next_token"]
 
@@ -51,6 +52,8 @@ class GPTConfig:
     """MLP activation: "gelu_tanh" or "gelu" (erf)"""
     sequence_parallel: bool = False
     """shard LayerNorm regions along the sequence over tp"""
+    recompute: str = "none"
+    """activation recomputation of every block: "none", "selective" (attention core) or "full" (tandem.recompute)"""
 
     def __post_init__(self):
         for name in ("vocab_size", "max_seq_len", "num_layers", "hidden_size", "num_heads"):
@@ -62,6 +65,8 @@ class GPTConfig:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.activation not in ("gelu", "gelu_tanh"):
             raise ValueError(f"GPTConfig: activation must be 'gelu' or 'gelu_tanh', got {self.activation!r}")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"GPTConfig: recompute must be 'none', 'selective' or 'full', got {self.recompute!r}")
 
     def check_tp(self, tp: int) -> None:
         """Raise ValueError naming every size that tp does not divide."""
@@ -180,6 +185,8 @@ class GPT(FullStateDictMixin, nn.Module):
         factory = dict(mesh=mesh, device=device, dtype=dtype)
         self.embed = GPTEmbedding(config, **factory)
         self.blocks = nn.ModuleList(GPTBlock(config, **factory) for _ in range(config.num_layers))
+        for block in self.blocks:
+            recompute(block, config.recompute)
         self.head = GPTHead(config, embedding=self.embed.tok, **factory)
 
     def layers(self) -> list:

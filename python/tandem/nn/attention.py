@@ -142,9 +142,14 @@ class ParallelSelfAttention(FullStateDictMixin, nn.Module):
                 is_causal = True
             else:  # query i sits at position offset + i and sees keys 0..offset+i
                 mask = torch.ones(s, offset + s, dtype=torch.bool, device=x.device).tril(diagonal=offset)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (b, H/tp, s, hd)
+        out = self.attention_core(q, k, v, mask, is_causal)  # (b, H/tp, s, hd)
         out = out.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)  # (b, s, h/tp)
         return self.o_proj(out)  # (b, s, h/tp) @ (h/tp, h) -> (b, s, h), all-reduced (or reduce-scattered)
+
+    def attention_core(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool) -> Tensor:
+        """softmax(q k^T / sqrt(hd) + mask) v: (b, H/tp, s, hd) x 3 -> (b, H/tp, s, hd); what
+        selective recomputation recomputes (tandem.recompute)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
     def new_cache(self, batch: int, max_seq_len: int, *, device=None, dtype=None) -> KVCache:
         """An empty cache for this layer's local KV heads."""
