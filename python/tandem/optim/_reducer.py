@@ -3,7 +3,9 @@
 Unsharded (``MixedPrecisionOptimizer``): each bucket's fp32 gradient is all-reduced over dp
 and averaged in place. Sharded (``DistributedOptimizer``, ZeRO-1): each bucket is
 reduce-scattered; dp rank r receives the average of the r-th shard, the range whose master
-weights it updates. ``reduce_dtype`` (default fp32) is the dtype that travels.
+weights it updates (over gloo an all-reduce of which rank r keeps its shard: gloo's
+reduce-scatter cannot be waited on with a timeout in torch 2.14). ``reduce_dtype`` (default
+fp32) is the dtype that travels.
 
 Buckets start strictly in bucket order, so every dp replica issues the same collectives in
 the same order. Readiness follows the protocol of ``tandem.dp.OverlappedGradReducer``, which
@@ -26,8 +28,8 @@ class BucketReducer:
     def __init__(self, optimizer, groups: Sequence[Sequence] = ()):
         self.opt = optimizer
         self.layout = optimizer.layout
-        self.group_ids = [{id(p) for p in g} for g in groups]
-        unknown = [p for g in groups for p in g if id(p) not in self.layout.where]
+        self.group_ids = [{id(p) for p in g if p.requires_grad} for g in groups]
+        unknown = [p for g in groups for p in g if p.requires_grad and id(p) not in self.layout.where]
         if unknown:
             raise ValueError(f"tandem.optim: {len(unknown)} parameter(s) of the pipeline stages (first of shape "
                              f"{tuple(unknown[0].shape)}) are not managed by the optimizer; give it every "
@@ -88,6 +90,12 @@ class BucketReducer:
         if b.shards == 1:
             work = mesh.dp_comm.all_reduce(send)  # (numel,) summed over dp, in place
             self.pending.append((b, work, send, None))
+        elif "gloo" in mesh.dp_comm.backend:
+            # gloo's reduce-scatter (torch 2.14) cannot be waited on with a timeout (its
+            # is_completed() stays False), and a runner's waits are timed: all-reduce, keep the shard
+            send = send.clone() if send is b.grad else send  # b.grad keeps this rank's own sum
+            work = mesh.dp_comm.all_reduce(send)  # (numel,) summed over dp
+            self.pending.append((b, work, send, send.narrow(0, b.lo, b.shard_numel)))
         else:
             out = b.grad_shard if dtype == torch.float32 else send.new_empty(b.shard_numel)
             # (numel,) = (dp * numel/dp,) summed over dp; rank r keeps rows [r*numel/dp, ...)
