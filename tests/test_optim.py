@@ -12,7 +12,9 @@
 - mixed precision at tp=2 x pp=2: bf16 masters are fp32; with fp16 an inf injected on one
   rank skips the step on every rank, leaves every weight untouched and halves the scale;
 - activation recomputation at tp=2 x pp=2 with SP, under 1F1B and ZB-H1 (split B/W): the
-  same gradients as without it.
+  same gradients as without it;
+- checkpoints: the distributed optimizer's state saved at tp=2 x dp=2 loads at dp=1 (tp=4)
+  and dp=4, and training goes on as if uninterrupted.
 
 One spawned world runs every case.
 """
@@ -181,16 +183,52 @@ def _recompute_cases(rank):
     return True
 
 
-def _worker(rank, world):
+def _checkpoint_cases(rank, path):
+    """DistributedOptimizer state saved after 3 steps at tp=2 x dp=2, loaded into zeroed models
+    at dp=1 (tp=4) and dp=4 (tp=1): 2 more steps give the twin's weights after 5."""
+    import tandem
+    from optim_utils import Setup, assert_relative, config, local_part, twin_adamw
+
+    cfg = config(tie_embeddings=True)
+    want, _ = twin_adamw(cfg, STEPS, lr=LR, weight_decay=WD, max_norm=1.0)
+
+    def train(setup, steps):
+        for _ in range(steps):
+            setup.opt.zero_grad()
+            setup.forward_backward()
+            tandem.clip_grad_norm_(setup.opt, 1.0)
+            setup.opt.step()
+
+    mesh = tandem.init_mesh(tp=2, dp=2)
+    setup = Setup(mesh, cfg, make_opt=_adamw(mesh))
+    train(setup, 3)
+    tandem.checkpoint.save(setup.full, path, optimizer=setup.opt)
+    setup.close()
+    for tp, dp in [(4, 1), (1, 4)]:
+        mesh = tandem.init_mesh(tp=tp, dp=dp)
+        setup = Setup(mesh, cfg, make_opt=_adamw(mesh))
+        with torch.no_grad():
+            for p in setup.full.parameters():
+                p.zero_()
+        tandem.checkpoint.load(setup.full, path, optimizer=setup.opt)
+        assert setup.opt.inner.state, "no optimizer state was loaded"
+        train(setup, STEPS - 3)
+        for name, p in setup.named.items():
+            assert_relative(p, local_part(want[name], p, mesh), 1e-6, f"resumed at tp={tp} dp={dp}: {name}")
+        setup.close()
+    return True
+
+
+def _worker(rank, world, path):
     return {"clip": _clip_cases(rank), "adamw": _adamw_cases(rank), "mixed": _mixed_precision_cases(rank),
-            "recompute": _recompute_cases(rank)}
+            "recompute": _recompute_cases(rank), "checkpoint": _checkpoint_cases(rank, path)}
 
 
-def test_optimizers_clipping_recomputation():
-    results = run_ranks(4, _worker, timeout=300)
+def test_optimizers_clipping_recomputation(tmp_path):
+    results = run_ranks(4, _worker, str(tmp_path / "ckpt"), timeout=420)
     for r in results:
         assert r["mixed"] == {"torch.bfloat16": True, "torch.float16": True}
-        assert r["recompute"] is True
+        assert r["recompute"] is True and r["checkpoint"] is True
         assert r["clip"] == results[0]["clip"]  # every rank: the same norm
         dp4 = r["adamw"]["AdamW tp=1 pp=1 dp=4"]
         assert 3.5 < dp4[1] / dp4[0] < 4.5, dp4  # a quarter of the state per rank at dp=4

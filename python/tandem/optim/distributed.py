@@ -33,12 +33,12 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
     def __init__(self, params, optimizer_class, *, mesh=None, overlap_param_gather: bool = False, **kwargs):
         if not isinstance(overlap_param_gather, bool):
             raise TypeError(f"DistributedOptimizer: overlap_param_gather must be a bool, got {overlap_param_gather!r}")
-        super().__init__(params, optimizer_class, mesh=mesh, **kwargs)
-        self.overlap_param_gather = overlap_param_gather
         self._gathers: list = []  # (bucket, work, out) started and not yet copied into the params
         self._pre_hook = None
+        super().__init__(params, optimizer_class, mesh=mesh, **kwargs)
+        self.overlap_param_gather = overlap_param_gather
 
-    def _publish(self) -> None:
+    def _publish(self, overlap=None) -> None:
         if self.mesh.dp == 1:
             super()._publish()
             return
@@ -49,7 +49,7 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
             out = torch.empty(b.numel, dtype=b.dtype, device=send.device)
             work = self.mesh.dp_comm.all_gather(out, send)  # (numel/dp,) per rank -> (numel,)
             self._gathers.append((b, work, out))
-        if self.overlap_param_gather:
+        if self.overlap_param_gather if overlap is None else overlap:
             self._pre_hook = torch.nn.modules.module.register_module_forward_pre_hook(
                 lambda module, args: self.finish_param_gather())
         else:

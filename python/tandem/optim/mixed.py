@@ -206,7 +206,7 @@ class MixedPrecisionOptimizer:
         self._publish()
         return True
 
-    def _publish(self) -> None:
+    def _publish(self, overlap: bool = False) -> None:
         """Copy the updated masters into the parameters (cast to their dtype)."""
         for pc in self.layout.pieces:
             pc.param.data.view(-1)[pc.start:pc.end].copy_(pc.master)
@@ -228,6 +228,28 @@ class MixedPrecisionOptimizer:
     def sharded(self) -> bool:
         """Whether each dp rank holds only a shard of the master gradients."""
         return self.layout.shards > 1
+
+    def sharded_state_dict(self, names: dict) -> dict:
+        """This rank's part of the state as entries for torch.distributed.checkpoint, under
+        the parameters' names (``names``: id(param) -> name); see tandem.checkpoint.save."""
+        from tandem.optim._dcp import optimizer_state_dict
+
+        self.finish_param_gather()
+        return optimizer_state_dict(self, names)
+
+    def load_sharded_state_dict(self, names: dict, reader) -> None:
+        """Read the state from a DCP checkpoint (``reader``: its storage reader), whatever dp
+        (and tp) degree wrote it, and set the parameters from the loaded masters. Collective."""
+        from tandem.optim._dcp import load_optimizer_state
+
+        self.finish_param_gather()
+        load_optimizer_state(self, names, reader)
+        with torch.no_grad():
+            self._publish(overlap=False)
+        self.zero_grad()
+
+    def finish_param_gather(self) -> None:
+        """Nothing to wait for: the parameters are refreshed within :meth:`step`."""
 
     def state_bytes(self) -> int:
         """Bytes of the wrapped optimizer's state tensors on this rank (e.g. AdamW's moments)."""
