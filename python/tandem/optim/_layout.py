@@ -5,7 +5,8 @@ buckets of one dtype and at most ``bucket_bytes`` of fp32 gradient. Each bucket 
 
 - ``grad``: a flat fp32 buffer (numel padded to a multiple of the shard count); every
   parameter's ``main_grad`` is a view into it, where gradients accumulate over microbatches
-  in fp32 whatever the parameter's dtype;
+  in fp32 whatever the parameter's dtype; after the dp reduction its owned range
+  (``grad_shard``) holds the dp average (the rest is stale until zero_grad);
 - a shard range: with ``shards = dp`` (ZeRO-1) dp rank r owns elements
   [r * n / dp, (r + 1) * n / dp) of every bucket; with ``shards = 1`` every rank owns all;
 - ``master``: fp32 master weights of the owned range, and ``pieces``: for every parameter
@@ -63,9 +64,9 @@ class Bucket:
         self.lo = shard * self.shard_numel  # owned range [lo, hi) of the bucket
         self.hi = self.lo + self.shard_numel
         self.grad = torch.zeros(self.numel, dtype=torch.float32, device=device)
-        # where the owned range's reduced gradient lands: the bucket itself when unsharded
-        self.grad_shard = self.grad if shards == 1 else torch.zeros(self.shard_numel, dtype=torch.float32,
-                                                                     device=device)
+        # where the owned range's reduced gradient lands: in place, the owned range of the
+        # bucket (the whole bucket when unsharded), as Megatron-LM's distributed optimizer does
+        self.grad_shard = self.grad if shards == 1 else self.grad[self.lo:self.hi]
         self.master = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
         self.pieces: list[Piece] = []
         with torch.no_grad():

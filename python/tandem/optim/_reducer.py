@@ -93,10 +93,10 @@ class BucketReducer:
         elif "gloo" in mesh.dp_comm.backend:
             # gloo's reduce-scatter (torch 2.14) cannot be waited on with a timeout (its
             # is_completed() stays False), and a runner's waits are timed: all-reduce, keep the shard
-            send = send.clone() if send is b.grad else send  # b.grad keeps this rank's own sum
-            work = mesh.dp_comm.all_reduce(send)  # (numel,) summed over dp
+            work = mesh.dp_comm.all_reduce(send)  # (numel,) summed over dp, in place
             self.pending.append((b, work, send, send.narrow(0, b.lo, b.shard_numel)))
         else:
+            # in place (fp32): rank r's shard is its own range of the bucket, as NCCL allows
             out = b.grad_shard if dtype == torch.float32 else send.new_empty(b.shard_numel)
             # (numel,) = (dp * numel/dp,) summed over dp; rank r keeps rows [r*numel/dp, ...)
             work = mesh.dp_comm.reduce_scatter(out, send)
@@ -117,11 +117,11 @@ class BucketReducer:
                         work.wait()
                     dp = self.opt.mesh.dp
                     if out is None:  # all-reduced
-                        if send is not b.grad:
+                        if send.data_ptr() != b.grad.data_ptr():
                             b.grad.copy_(send)
                         b.grad.div_(dp)
                     else:  # reduce-scattered
-                        if out is not b.grad_shard:
+                        if out.data_ptr() != b.grad_shard.data_ptr():
                             b.grad_shard.copy_(out)
                         b.grad_shard.div_(dp)
         finally:

@@ -158,9 +158,7 @@ class MixedPrecisionOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the fp32 gradient buffers (and drop any ``param.grad``)."""
         for b in self.layout.buckets:
-            b.grad.zero_()
-            if b.grad_shard is not b.grad:
-                b.grad_shard.zero_()
+            b.grad.zero_()  # the owned range (grad_shard) with it
         for p in self.params:
             p.grad = None
         self._grads_reduced = self._prepared = self._found_inf = False
