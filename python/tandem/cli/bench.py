@@ -20,11 +20,13 @@ SUITES = {
     "overlap": ("bench_overlap.py", 2, [], ["--tokens", "256", "--out-features", "256", "--chunks", "1,2,4"]),
     "tp": ("bench_tp.py", 2, [], ["--quick"]),
     "pipeline": ("bench_pipeline.py", 2, [], ["--microbatches", "2", "4", "--layers", "2", "--hidden", "64"]),
+    "memory": ("bench_memory.py", 4, [], ["--quick"]),
+    "zero": ("bench_zero.py", 2, [], ["--quick"]),
 }
 
 
 def add_parser(sub):
-    p = sub.add_parser("bench", help="microbenchmarks: gemm, comm, p2p, overlap, tp, pipeline, all")
+    p = sub.add_parser("bench", help="microbenchmarks: gemm, comm, p2p, overlap, tp, pipeline, memory, zero, all")
     p.add_argument("suite", choices=[*SUITES, "all"])
     p.add_argument("--quick", action="store_true", help="small sizes (a CPU runs each suite in seconds)")
     p.add_argument("--json", metavar="DIR", nargs="?", const="runs/bench",

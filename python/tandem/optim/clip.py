@@ -76,7 +76,8 @@ def grad_norm(target, *, mesh=None, norm_type: float = 2.0) -> Tensor:
 def _grads(target, mesh):
     from tandem.mesh import Mesh, get_mesh
 
-    opt = target if isinstance(target, MixedPrecisionOptimizer) else _owner(_params(target))
+    params = None if isinstance(target, MixedPrecisionOptimizer) else _params(target)  # once: may be a generator
+    opt = target if params is None else _owner(params)
     if opt is not None:
         if mesh is not None and mesh is not opt.mesh:
             raise ValueError("clip_grad_norm_: mesh differs from the optimizer's mesh")
@@ -85,7 +86,7 @@ def _grads(target, mesh):
         pairs = opt.master_grads()
         return opt, pairs, mesh, ("tp", "pp", "dp") if opt.sharded else ("tp", "pp")
     mesh = mesh if mesh is not None else (get_mesh() or Mesh.single())
-    pairs = [(p, p.grad) for p in _params(target) if p.grad is not None]
+    pairs = [(p, p.grad) for p in params if p.grad is not None]
     return None, pairs, mesh, ("tp", "pp")
 
 
