@@ -1,10 +1,15 @@
-"""Checkpoints that move between TP sizes, on torch.distributed.checkpoint (DCP).
+"""Checkpoints that move between TP sizes (and, for a tandem optimizer's state, between dp
+sizes), on torch.distributed.checkpoint (DCP).
 
 Every sharded parameter is saved as a DTensor over its TP group, so the checkpoint holds
 global shapes and each shard's offset; a model at another TP degree (or a plain
 single-device model) loads the same full weights, resharded on read. Replicated
 parameters are written once. Saves are atomic: files go to ``PATH.partial`` and the
 directory is renamed to ``PATH`` only after every rank has finished writing.
+
+With ``optimizer=`` (a tandem.optim MixedPrecisionOptimizer or DistributedOptimizer), its
+fp32 masters and states are written too, each rank its own shard (tandem.optim._dcp), and
+read back at any dp and tp degree.
 """
 
 import json
@@ -97,12 +102,17 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def save(model: nn.Module, path: str, *, params=None, extra: Optional[dict] = None) -> None:
+def _names(model: nn.Module) -> dict:
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def save(model: nn.Module, path: str, *, params=None, extra: Optional[dict] = None, optimizer=None) -> None:
     """Write ``model`` to the directory ``path``; collective over every rank.
 
     ``params``: the parameters this rank owns (e.g. its pipeline stage's), written under
     their names in ``model``; default all. ``extra`` (JSON-serialisable) is stored beside
-    the weights, e.g. the model config.
+    the weights, e.g. the model config. ``optimizer``: a tandem optimizer over parameters
+    of ``model`` whose state is written too (its shard on each rank).
     """
     path = os.path.abspath(path)
     partial = path + ".partial"
@@ -110,7 +120,10 @@ def save(model: nn.Module, path: str, *, params=None, extra: Optional[dict] = No
         shutil.rmtree(partial, ignore_errors=True)  # the leftovers of an interrupted save
         os.makedirs(partial)
     _barrier()
-    dcp.save(_state_dict(model, params), storage_writer=dcp.FileSystemWriter(partial))
+    sd = _state_dict(model, params)
+    if optimizer is not None:
+        sd.update(optimizer.sharded_state_dict(_names(model)))
+    dcp.save(sd, storage_writer=dcp.FileSystemWriter(partial))
     _barrier()
     if _rank0():
         with open(os.path.join(partial, _META), "w") as f:
@@ -139,13 +152,18 @@ def _check_complete(path: str) -> None:
         raise FileNotFoundError(f"tandem.checkpoint: '{path}' is not a complete tandem checkpoint")
 
 
-def load(model: nn.Module, path: str) -> None:
+def load(model: nn.Module, path: str, *, params=None, optimizer=None) -> None:
     """Load the checkpoint at ``path`` into ``model`` in place, whatever TP degree wrote it.
 
-    Collective over every rank. Raises FileNotFoundError (before any communication) when
+    Collective over every rank. ``params``: only these parameters of ``model`` (e.g. this
+    rank's stage's); default all. ``optimizer``: also load a tandem optimizer's state
+    (written with ``save(..., optimizer=)`` at any dp and tp degree); the parameters are then
+    set from its fp32 masters. Raises FileNotFoundError (before any communication) when
     ``path`` holds no complete checkpoint, and an error naming the keys when they differ.
     """
     path = os.path.abspath(path)
     _check_complete(path)
-    sd = _state_dict(model)
+    sd = _state_dict(model, params)
     dcp.load(sd, storage_reader=dcp.FileSystemReader(path))
+    if optimizer is not None:
+        optimizer.load_sharded_state_dict(_names(model), dcp.FileSystemReader(path))

@@ -79,7 +79,12 @@ def _plot_loss(history: list, chance: float, floor: float, path: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(args, cfg, mesh, history, timeline, elapsed, tokens_per_step, reference) -> None:
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def write_outputs(args, cfg, mesh, history, timeline, elapsed, tokens_per_step, reference, memory=None,
+                  optimizer="") -> None:
     from tandem.pipeline import chrome_trace, render
 
     rows = _gather_timeline(mesh, timeline)
@@ -91,6 +96,10 @@ def write_outputs(args, cfg, mesh, history, timeline, elapsed, tokens_per_step, 
     metrics = {
         "parallel": {"tp": mesh.tp, "pp": mesh.pp, "dp": mesh.dp, "schedule": args.schedule if mesh.pp > 1 else None,
                      "microbatches": args.microbatches, "device": mesh.device.type},
+        "training": {"precision": args.precision, "recompute": cfg.recompute, "zero1": args.zero1,
+                     "clip_grad": args.clip_grad, "weight_decay": args.weight_decay, "optimizer": optimizer,
+                     "skipped_steps": sum(not h.get("stepped", True) for h in history),
+                     "memory_rank0_bytes": memory},
         "model": cfg.__dict__,
         "steps": history,
         "first_loss": history[0]["loss"],
@@ -116,7 +125,15 @@ def write_outputs(args, cfg, mesh, history, timeline, elapsed, tokens_per_step, 
     print(text_timeline(last))
     print(f"loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f} (chance {chance:.3f}, best possible "
           f"{floor:.3f}) in {len(history)} steps, {elapsed:.1f} s, {metrics['tokens_per_s']:,.0f} tokens/s")
+    if memory is not None:
+        print(f"memory of rank 0 ({args.precision}{', zero1' if args.zero1 else ''}): parameters "
+              f"{_mib(memory['parameters'])}, gradients {_mib(memory['gradients'])}, fp32 masters "
+              f"{_mib(memory['masters'])}, optimizer states {_mib(memory['optimizer_states'])}")
+    skipped = metrics["training"]["skipped_steps"]
+    if skipped:
+        print(f"{skipped} step(s) skipped for inf/nan gradients")
     if reference is not None:
         print(f"check: largest loss difference to the tp=pp=dp=1 reference over {len(history)} steps: "
-              f"{metrics['check']['max_loss_diff']:.2e}")
+              f"{metrics['check']['max_loss_diff']:.2e}"
+              + (f" ({args.precision} against fp32)" if args.precision != "fp32" else ""))
     print(f"wrote {out}/: metrics.json, checkpoint/, timeline.json, schedule.png, loss.png")
