@@ -123,6 +123,9 @@ def test_loss_scaler_and_optimizer_refuse_bad_input():
         MixedPrecisionOptimizer(model.parameters(), "adamw")
     with pytest.raises(ValueError, match="empty parameter list"):
         MixedPrecisionOptimizer([], torch.optim.AdamW)
+    frozen = nn.Parameter(torch.zeros(2), requires_grad=False)
+    with pytest.raises(ValueError, match=r"a parameter of shape \(2,\) does not require grad"):
+        MixedPrecisionOptimizer([frozen], torch.optim.AdamW)
     with pytest.raises(ValueError, match="appears twice"):
         MixedPrecisionOptimizer([model.embed.pos.weight, model.embed.pos.weight], torch.optim.AdamW)
     with pytest.raises(TypeError, match="use module.parameters()"):

@@ -50,8 +50,11 @@ def _param_groups(params) -> list[dict]:
     seen = set()
     for g in groups:
         for p in g["params"]:
-            if not isinstance(p, Tensor) or not p.requires_grad:
-                raise TypeError(f"tandem.optim: every parameter must be a Tensor that requires grad, got {p!r:.80}")
+            if not isinstance(p, Tensor):
+                raise TypeError(f"tandem.optim: every parameter must be a Tensor, got a {type(p).__name__}")
+            if not p.requires_grad:
+                raise ValueError(f"tandem.optim: a parameter of shape {tuple(p.shape)} does not require grad; "
+                                 "leave frozen parameters out")
             if id(p) in seen:
                 raise ValueError(f"tandem.optim: a parameter of shape {tuple(p.shape)} appears twice")
             if not p.is_contiguous():
