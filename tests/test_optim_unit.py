@@ -144,7 +144,8 @@ def test_recompute_same_gradients_and_bad_modes():
         model(*_batch()).backward()
         grads[mode] = [p.grad for p in model.parameters()]
         with torch.no_grad():  # decoding: no checkpoint, same tokens
-            assert torch.equal(model.generate(_batch()[0][:1, :4], 3), _gpt(num_kv_heads=2).generate(_batch()[0][:1, :4], 3))
+            prompt = _batch()[0][:1, :4]
+            assert torch.equal(model.generate(prompt, 3), _gpt(num_kv_heads=2).generate(prompt, 3))
     for mode in ("selective", "full"):
         for a, b in zip(grads["none"], grads[mode]):
             assert torch.equal(a, b), mode

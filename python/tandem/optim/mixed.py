@@ -20,7 +20,7 @@ master gradients between the reduction and the step.
 from __future__ import annotations
 
 import weakref
-from typing import Iterable, Optional, Union
+from typing import Iterable, Union
 
 import torch
 from torch import Tensor, nn
@@ -98,7 +98,8 @@ class MixedPrecisionOptimizer:
 
         name = type(self).__name__
         if not isinstance(optimizer_class, type) or not issubclass(optimizer_class, torch.optim.Optimizer):
-            raise TypeError(f"{name}: optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
+            raise TypeError(f"{name}: optimizer_class must be a torch.optim.Optimizer subclass, "
+                            f"got {optimizer_class!r}")
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise ValueError(f"{name}: bucket_bytes must be an int >= 1, got {bucket_bytes!r}")
         if reduce_dtype not in (torch.float32, torch.bfloat16):
