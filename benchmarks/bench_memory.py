@@ -51,7 +51,8 @@ def tandem_model(*, s, b, h, a, t, sp, recompute, attention, bytes_per_value, st
         return None
     # LayerNorm inputs, the (gathered) inputs of the QKV and fc1 GEMMs, q k v, attention output,
     # GeLU input and output; each LayerNorm's fp32 mean and rstd per token
-    base = (4 * sbh / (t if sp else 1) + 4 * sbh + 24 * sbh / t) * unit + 2 * 2 * stats_bytes * b * s // (t if sp else 1)
+    shard = t if sp else 1  # what sequence parallelism divides
+    base = (4 * sbh / shard + 4 * sbh + 24 * sbh / t) * unit + 2 * 2 * stats_bytes * b * s // shard
     if recompute == "none":  # flash keeps a fp32 log-sum-exp per (sequence, head, token)
         base += 4 * b * (a // t) * s
     return base

@@ -8,13 +8,14 @@
 - DistributedOptimizer: 5 AdamW steps (weight decay on weights only, clipping at 1.0) equal
   torch.optim.AdamW on the twin to 1e-6 relative at dp=4, tp=2 x dp=2 and pp=2 x dp=2; the
   optimizer-state bytes of each rank are the total / dp up to the buckets' padding, measured
-  on the state tensors;
+  on the state tensors; at pp=2 x dp=2 the parameters' all-gather overlaps the next step;
 - mixed precision at tp=2 x pp=2: bf16 masters are fp32; with fp16 an inf injected on one
   rank skips the step on every rank, leaves every weight untouched and halves the scale;
+  gradients reduced over dp=4 in bf16 (reduce_dtype) match the twin's to bf16's precision;
 - activation recomputation at tp=2 x pp=2 with SP, under 1F1B and ZB-H1 (split B/W): the
   same gradients as without it;
-- checkpoints: the distributed optimizer's state saved at tp=2 x dp=2 loads at dp=1 (tp=4)
-  and dp=4, and training goes on as if uninterrupted.
+- checkpoints: the distributed optimizer's state saved at tp=2 x dp=2 loads at dp=1 (tp=4),
+  dp=4 and pp=2 x dp=2, and training goes on as if uninterrupted.
 
 One spawned world runs every case.
 """
@@ -91,6 +92,7 @@ def _clip_cases(rank):
 def _adamw_cases(rank):
     import tandem
     from optim_utils import Setup, assert_relative, config, local_part, twin_adamw
+    from tandem.pipeline import ZeroBubbleH1
 
     out = {}
     cfg = config(tie_embeddings=True)
@@ -98,7 +100,10 @@ def _adamw_cases(rank):
     for tp, pp, dp in [(1, 1, 4), (2, 1, 2), (1, 2, 2)]:
         mesh = tandem.init_mesh(tp=tp, pp=pp, dp=dp)
         what = f"AdamW tp={tp} pp={pp} dp={dp}"
-        setup = Setup(mesh, cfg, make_opt=_adamw(mesh))
+        # pp=2 x dp=2: ZB-H1 (deferred W into the fp32 buffers), the parameters' all-gather
+        # waited for only at the next forward
+        setup = Setup(mesh, cfg, make_opt=_adamw(mesh, overlap_param_gather=pp > 1),
+                      schedule=ZeroBubbleH1(2, 2) if pp > 1 else None)
         opt = setup.opt
         losses = []
         for _ in range(STEPS):
@@ -108,6 +113,7 @@ def _adamw_cases(rank):
             assert opt.step()
         for got, exp in zip(losses, want_losses):
             assert abs(got - exp) <= 1e-6 * abs(exp), (what, losses, want_losses)
+        opt.finish_param_gather()  # with overlap_param_gather: else at the next forward
         worst = max(assert_relative(p, local_part(want[name], p, mesh), 1e-6, f"{what}: {name}")
                     for name, p in setup.named.items())
         # optimizer state: AdamW's two fp32 moments of the elements this rank owns
@@ -160,6 +166,24 @@ def _mixed_precision_cases(rank):
         out[str(dtype)] = opt.step()
         assert any(not torch.equal(a, b) for a, b in zip(before, opt.params)), "the step changed nothing"
         setup.close()
+    # fp32 gradients reduced over dp in bf16 (half the traffic): the twin's gradients to bf16's precision
+    from optim_utils import assert_relative, twin_grads
+
+    mesh = tandem.init_mesh(tp=1, pp=1, dp=4)
+    setup = Setup(mesh, config(tie_embeddings=True),
+                  make_opt=lambda mods: MixedPrecisionOptimizer([p for p in mods[0].parameters() if p.requires_grad],
+                                                                torch.optim.AdamW, mesh=mesh, lr=LR,
+                                                                reduce_dtype=torch.bfloat16))
+    setup.opt.zero_grad()
+    setup.forward_backward()
+    setup.opt.prepare_grads()
+    _, want = twin_grads(setup.cfg)
+    names = {id(p): n for n, p in setup.named.items()}
+    for pc in setup.opt.layout.pieces:  # each summand rounded to bf16 (8 bits): 1% of the norm
+        expect = want[names[id(pc.param)]].reshape(-1)[pc.start:pc.end]
+        assert_relative(pc.master.grad, expect, 1e-2, f"bf16 reduction: {names[id(pc.param)]}")
+        assert not torch.equal(pc.master.grad, expect) or expect.abs().max() == 0  # it did round
+    setup.close()
     return out
 
 
@@ -185,7 +209,8 @@ def _recompute_cases(rank):
 
 def _checkpoint_cases(rank, path):
     """DistributedOptimizer state saved after 3 steps at tp=2 x dp=2, loaded into zeroed models
-    at dp=1 (tp=4) and dp=4 (tp=1): 2 more steps give the twin's weights after 5."""
+    at dp=1 (tp=4), dp=4 and pp=2 x dp=2 (the last stage's tied copy takes the embedding's
+    state): 2 more steps give the twin's weights after 5."""
     import tandem
     from optim_utils import Setup, assert_relative, config, local_part, twin_adamw
 
@@ -204,17 +229,18 @@ def _checkpoint_cases(rank, path):
     train(setup, 3)
     tandem.checkpoint.save(setup.full, path, optimizer=setup.opt)
     setup.close()
-    for tp, dp in [(4, 1), (1, 4)]:
-        mesh = tandem.init_mesh(tp=tp, dp=dp)
+    for tp, pp, dp in [(4, 1, 1), (1, 1, 4), (1, 2, 2)]:
+        mesh = tandem.init_mesh(tp=tp, pp=pp, dp=dp)
         setup = Setup(mesh, cfg, make_opt=_adamw(mesh))
+        mine = [p for m in setup.modules for p in m.parameters()]  # this stage's (a tied copy included)
         with torch.no_grad():
-            for p in setup.full.parameters():
+            for p in mine:
                 p.zero_()
-        tandem.checkpoint.load(setup.full, path, optimizer=setup.opt)
+        tandem.checkpoint.load(setup.full, path, params=mine, optimizer=setup.opt)
         assert setup.opt.inner.state, "no optimizer state was loaded"
         train(setup, STEPS - 3)
         for name, p in setup.named.items():
-            assert_relative(p, local_part(want[name], p, mesh), 1e-6, f"resumed at tp={tp} dp={dp}: {name}")
+            assert_relative(p, local_part(want[name], p, mesh), 1e-6, f"resumed at tp={tp} pp={pp} dp={dp}: {name}")
         setup.close()
     return True
 

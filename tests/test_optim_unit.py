@@ -123,6 +123,9 @@ def test_loss_scaler_and_optimizer_refuse_bad_input():
         MixedPrecisionOptimizer(model.parameters(), "adamw")
     with pytest.raises(ValueError, match="empty parameter list"):
         MixedPrecisionOptimizer([], torch.optim.AdamW)
+    frozen = nn.Parameter(torch.zeros(2), requires_grad=False)
+    with pytest.raises(ValueError, match=r"a parameter of shape \(2,\) does not require grad"):
+        MixedPrecisionOptimizer([frozen], torch.optim.AdamW)
     with pytest.raises(ValueError, match="appears twice"):
         MixedPrecisionOptimizer([model.embed.pos.weight, model.embed.pos.weight], torch.optim.AdamW)
     with pytest.raises(TypeError, match="use module.parameters()"):
@@ -141,7 +144,8 @@ def test_recompute_same_gradients_and_bad_modes():
         model(*_batch()).backward()
         grads[mode] = [p.grad for p in model.parameters()]
         with torch.no_grad():  # decoding: no checkpoint, same tokens
-            assert torch.equal(model.generate(_batch()[0][:1, :4], 3), _gpt(num_kv_heads=2).generate(_batch()[0][:1, :4], 3))
+            prompt = _batch()[0][:1, :4]
+            assert torch.equal(model.generate(prompt, 3), _gpt(num_kv_heads=2).generate(prompt, 3))
     for mode in ("selective", "full"):
         for a, b in zip(grads["none"], grads[mode]):
             assert torch.equal(a, b), mode

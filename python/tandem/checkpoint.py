@@ -120,6 +120,8 @@ def save(model: nn.Module, path: str, *, params=None, extra: Optional[dict] = No
         shutil.rmtree(partial, ignore_errors=True)  # the leftovers of an interrupted save
         os.makedirs(partial)
     _barrier()
+    if optimizer is not None:  # parameters whose all-gather is still pending: written when it lands
+        optimizer.finish_param_gather()
     sd = _state_dict(model, params)
     if optimizer is not None:
         sd.update(optimizer.sharded_state_dict(_names(model)))

@@ -17,7 +17,7 @@ the step (everything left, tied weights included, then the waits).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 

@@ -20,7 +20,7 @@ master gradients between the reduction and the step.
 from __future__ import annotations
 
 import weakref
-from typing import Iterable, Optional, Union
+from typing import Iterable, Union
 
 import torch
 from torch import Tensor, nn
@@ -50,8 +50,11 @@ def _param_groups(params) -> list[dict]:
     seen = set()
     for g in groups:
         for p in g["params"]:
-            if not isinstance(p, Tensor) or not p.requires_grad:
-                raise TypeError(f"tandem.optim: every parameter must be a Tensor that requires grad, got {p!r:.80}")
+            if not isinstance(p, Tensor):
+                raise TypeError(f"tandem.optim: every parameter must be a Tensor, got a {type(p).__name__}")
+            if not p.requires_grad:
+                raise ValueError(f"tandem.optim: a parameter of shape {tuple(p.shape)} does not require grad; "
+                                 "leave frozen parameters out")
             if id(p) in seen:
                 raise ValueError(f"tandem.optim: a parameter of shape {tuple(p.shape)} appears twice")
             if not p.is_contiguous():
@@ -95,7 +98,8 @@ class MixedPrecisionOptimizer:
 
         name = type(self).__name__
         if not isinstance(optimizer_class, type) or not issubclass(optimizer_class, torch.optim.Optimizer):
-            raise TypeError(f"{name}: optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
+            raise TypeError(f"{name}: optimizer_class must be a torch.optim.Optimizer subclass, "
+                            f"got {optimizer_class!r}")
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise ValueError(f"{name}: bucket_bytes must be an int >= 1, got {bucket_bytes!r}")
         if reduce_dtype not in (torch.float32, torch.bfloat16):
