@@ -1,7 +1,9 @@
 """`tandem plan --calibrate OUT.json`: measure this machine into a DeviceProfile.
 
-``nproc`` ranks (gloo, a file store, one thread each, as `tandem train` runs them) measure
-at the same time, so every figure includes the contention of ranks sharing the host:
+``nproc`` ranks (gloo, a file store, one thread each, as `tandem train` runs them) measure,
+as many at a time as the machine has cores (the others wait), so that every figure is what
+one rank gets with a core to itself; how ranks beyond the cores slow each other down is
+host.py's part:
 
 - GEMM throughput (fp32) over a grid of shapes; ``gemm_overhead`` t0, the rate R and the
   shape constant d0 of gemm.py's curve t = t0 + 2MNK/R (1 + d0/M + d0/N + d0/K) are fitted
@@ -9,9 +11,10 @@ at the same time, so every figure includes the contention of ranks sharing the h
 - memory bandwidth: a large copy;
 - the operator overhead: a tiny tandem GPT block's forward and backward, whose time is
   all per-operator cost, over its operator count (framework.py);
-- fused attention: ``scaled_dot_product_attention`` forward and backward;
+- fused attention: ``scaled_dot_product_attention`` forward and backward at two sizes (a
+  fixed cost and a rate);
 - collectives: all-reduce of a small and a large tensor over pairs of ranks (as tp groups
-  run), fitted to the alpha-beta model of collectives.py.
+  run), one pair at a time, fitted to the alpha-beta model of collectives.py.
 
 On a CPU the result is a "cpu" profile for ``--precision fp32``; the same code on one GPU
 per rank would time that GPU.
@@ -96,25 +99,21 @@ def _time_fixed(fn, n: int, repeats: int = 3) -> float:
     return statistics.median(samples)
 
 
-def _measure(rank: int, world: int, quick: bool) -> dict:
+def _local(quick: bool) -> dict:
+    """What one rank measures on its own: GEMMs, a copy, a tiny block, attention."""
     import torch
-    import torch.distributed as dist
     import torch.nn.functional as F
 
-    torch.manual_seed(rank)
     out: dict = {}
-    # GEMMs, every rank at once
     grid = GEMM_GRID[::2] if quick else GEMM_GRID
     gemms = []
     for m, n, k in grid:
         a, b = torch.randn(m, k), torch.randn(k, n)
-        dist.barrier()
         gemms.append((m, n, k, _time(lambda: a @ b)))
     out["gemm"] = gemms
     # memory bandwidth: a copy reads and writes every byte
     src = torch.randn(8 * 2**20)  # 32 MB
     dst = torch.empty_like(src)
-    dist.barrier()
     out["copy_bw"] = 2 * src.numel() * 4 / _time(lambda: dst.copy_(src))
     # per-operator overhead: a tiny block, whose time is all overhead
     from tandem.mesh import Mesh
@@ -126,7 +125,6 @@ def _measure(rank: int, world: int, quick: bool) -> dict:
     def tiny():
         block(x).sum().backward()
 
-    dist.barrier()
     out["tiny_block"] = _time(tiny)
     # fused attention, forward and backward, at two sizes: a fixed cost and a rate
     out["attention"] = []
@@ -136,18 +134,33 @@ def _measure(rank: int, world: int, quick: bool) -> dict:
         def attention():
             F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
-        dist.barrier()
         out["attention"].append((4 * b * a * s_ * s_ * hd, _time(attention)))  # (forward FLOPs, fwd+bwd s)
-    # collectives over pairs of ranks (tp groups)
+    return out
+
+
+def _measure(rank: int, world: int, quick: bool, cores: int | None = None) -> dict:
+    """Every rank's measurements, taken ``cores`` ranks at a time (the others wait in a
+    barrier), so that each is what a rank gets with a core to itself."""
+    import torch
+    import torch.distributed as dist
+
+    torch.manual_seed(rank)
+    cores = max(1, min(world, cores or os.cpu_count() or 1))
+    out: dict = {"cores": cores}
+    for turn in range(-(-world // cores)):
+        dist.barrier()
+        if rank // cores == turn:
+            out.update(_local(quick))
+    # collectives over pairs of ranks (as tp groups), one pair at a time
     pairs = [dist.new_group([r, r + 1]) for r in range(0, world - world % 2, 2)] if world > 1 else []
-    group = pairs[rank // 2] if pairs and rank < 2 * len(pairs) else None
-    if group is not None:
-        small, large = torch.zeros(1), torch.zeros(2**20)  # 4 B and 4 MB
+    small, large = torch.zeros(1), torch.zeros(2**20)  # 4 B and 4 MB
+    for i, group in enumerate(pairs):
         dist.barrier()
-        out["all_reduce_small"] = _time_fixed(lambda: dist.all_reduce(small, group=group), 20)
-        dist.barrier()
-        out["all_reduce_large"] = _time_fixed(lambda: dist.all_reduce(large, group=group), 4)
-        out["all_reduce_bytes"] = large.numel() * 4
+        if rank // 2 == i:
+            out["all_reduce_small"] = _time_fixed(lambda: dist.all_reduce(small, group=group), 20)
+            out["all_reduce_large"] = _time_fixed(lambda: dist.all_reduce(large, group=group), 4)
+            out["all_reduce_bytes"] = large.numel() * 4
+    dist.barrier()
     return out
 
 
@@ -217,18 +230,20 @@ def calibrate(*, nproc: int = 2, quick: bool = False, timeout: float = 300.0, na
     return profile_from_measurements(_run_ranks(nproc, quick, timeout), name=name)
 
 
-def measure_rank(rank: int, world: int, *, quick: bool = False) -> dict:
-    """This rank's measurements (call on every rank of an initialised gloo group at once);
-    ``profile_from_measurements`` turns every rank's into a profile."""
-    return _measure(rank, world, quick)
+def measure_rank(rank: int, world: int, *, quick: bool = False, cores: int | None = None) -> dict:
+    """This rank's measurements (call on every rank of an initialised gloo group at once,
+    one thread per rank); ``profile_from_measurements`` turns every rank's into a profile.
+    ``cores``: how many ranks measure at once (default: the machine's cores)."""
+    return _measure(rank, world, quick, cores)
 
 
-def profile_from_measurements(ranks: list[dict], *, name: str | None = None) -> DeviceProfile:
-    """A DeviceProfile from the measurements of every rank (``measure_rank``)."""
+def profile_from_measurements(ranks: list[dict], *, nproc: int | None = None, name: str | None = None) -> DeviceProfile:
+    """A DeviceProfile from the measurements of every rank (``measure_rank``; several rounds
+    of them may be given together: ``nproc`` is then the ranks per round)."""
     from tandem.plan.framework import TANDEM
 
-    nproc = len(ranks)
-    # every rank timed the same shapes at once: take the median rank for each shape
+    nproc = nproc or len(ranks)
+    # every rank timed the same shapes: take the median over ranks (and rounds) per shape
     samples = [(m, n, k, statistics.median(r["gemm"][i][3] for r in ranks))
                for i, (m, n, k, _) in enumerate(ranks[0]["gemm"])]
     t0, rate, d0 = fit_gemm_curve(samples)
@@ -251,7 +266,8 @@ def profile_from_measurements(ranks: list[dict], *, name: str | None = None) -> 
         nbytes = timed[0]["all_reduce_bytes"]
         bus = nbytes * 2 * (n - 1) / n / max(large - small, 1e-9)
     memory = _total_memory() / nproc
-    source = (f"calibrated on {os.uname().nodename} with {nproc} ranks at once, {time.strftime('%Y-%m-%d')}; "
+    source = (f"calibrated on {os.uname().nodename} with {nproc} ranks, {ranks[0]['cores']} at a time, "
+              f"{time.strftime('%Y-%m-%d')}; "
               f"GEMM fp32 rate {rate / 1e9:.1f} GFLOP/s, d0 {d0:g}, t0 {t0 * 1e6:.1f} us "
               f"(fitted on {len(samples)} shapes); copy {copy_bw / 1e9:.2f} GB/s; operator overhead "
               f"{op * 1e6:.1f} us; attention {att_eff:.2f} of the GEMM rate + {att_fixed * 1e6:.0f} us; all-reduce over 2 ranks: "
@@ -262,4 +278,4 @@ def profile_from_measurements(ranks: list[dict], *, name: str | None = None) -> 
         inter_node_latency=latency, gemm_efficiency=1.0, gemm_half_dim=d0, gemm_overhead=t0,
         attention_efficiency=max(att_eff, 1e-3), attention_overhead=att_fixed, memory_efficiency=1.0, intra_node_efficiency=1.0,
         inter_node_efficiency=1.0, op_overhead=op, reserve_bytes=0.5 * 2**30, gpus_per_node=nproc,
-        fused_gelu=False, source=source)
+        fused_gelu=False, cores_per_node=ranks[0]["cores"], source=source)

@@ -62,6 +62,9 @@ class DeviceProfile:
     """memory kept back: CUDA context, NCCL and cuBLAS buffers, allocator fragmentation"""
     fused_gelu: bool = True
     """GeLU runs in the GEMM's epilogue (cuBLASLt); False: a separate pass (CPU)"""
+    cores_per_node: int | None = None
+    """CPU profiles: cores the ranks of one host share (more ranks than cores slow each
+    other: host.py); None for GPUs"""
     gpus_per_node: int = 8
     """devices per node, the default of --gpus-per-node"""
     source: str = ""
@@ -88,6 +91,10 @@ class DeviceProfile:
             _positive(self.name, name, value)
             if value > 1:
                 raise ValueError(f"DeviceProfile {self.name!r}: {name} is a fraction in (0, 1], got {value}")
+        if self.cores_per_node is not None and (isinstance(self.cores_per_node, bool) or
+                                                not isinstance(self.cores_per_node, int) or self.cores_per_node < 1):
+            raise ValueError(f"DeviceProfile {self.name!r}: cores_per_node must be None or an int >= 1, "
+                             f"got {self.cores_per_node!r}")
         if not isinstance(self.fused_gelu, bool):
             raise ValueError(f"DeviceProfile {self.name!r}: fused_gelu must be true or false, got {self.fused_gelu!r}")
         if isinstance(self.gpus_per_node, bool) or not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 1:
