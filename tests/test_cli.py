@@ -47,6 +47,24 @@ def test_train(tmp_path, tp, pp, dp):
     assert "largest loss difference to the tp=pp=dp=1 reference" in r.stdout
 
 
+def test_train_bf16_follows_fp32(tmp_path):
+    """50 steps at tp=2 x pp=2 in bf16 (fp32 masters, selective recomputation, clipping,
+    weight decay) follow the fp32 single-device reference's loss within 0.02."""
+    out = str(tmp_path / "run")
+    r = tandem("train", "--tp", "2", "--pp", "2", "--precision", "bf16", "--recompute", "selective",
+               "--weight-decay", "0.1", "--steps", "50", "--out", out, "--check")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    metrics = _check_outputs(out, pp=2)
+    training = metrics["training"]
+    assert training["precision"] == "bf16" and training["recompute"] == "selective", training
+    assert training["optimizer"].startswith("MixedPrecisionOptimizer(AdamW") and training["skipped_steps"] == 0
+    memory = training["memory_rank0_bytes"]
+    assert memory["masters"] == 2 * memory["parameters"] == memory["gradients"], memory  # fp32 vs bf16
+    assert all(s["grad_norm"] > 0 for s in metrics["steps"])
+    assert metrics["check"]["max_loss_diff"] < 0.02, metrics["check"]
+    assert "(bf16 against fp32)" in r.stdout
+
+
 def test_generate_from_checkpoint_with_tp_and_pp(tmp_path):
     out = str(tmp_path / "run")
     r = tandem("train", "--tp", "2", "--steps", "120", "--out", out)
@@ -125,6 +143,9 @@ def test_two_nodes_on_loopback(tmp_path):
     (["train", "--schedule", "2f2b"], "invalid choice: '2f2b'"),
     (["train", "--pp", "4", "--microbatches", "2"], "--schedule 1f1b"),
     (["train", "--model", "{\"hidden_size\": 10}"], "hidden_size=10 is not divisible by num_heads"),
+    (["train", "--clip-grad", "-1"], "--clip-grad must be a finite number >= 0, got -1.0"),
+    (["train", "--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["train", "--recompute", "some"], "invalid choice: 'some'"),
     (["generate", "--checkpoint", "/nonexistent/ckpt", "--prompt", "1 2"], "no checkpoint at '/nonexistent/ckpt'"),
 ])
 def test_bad_arguments_fail_fast_with_exit_code_2(args, message):

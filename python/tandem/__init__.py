@@ -12,10 +12,13 @@ from tandem import ops  # noqa: F401  (registers fake kernels)
 from tandem import nn  # noqa: F401
 from tandem.mesh import Mesh, get_mesh, init_mesh, set_mesh
 from tandem.parallelize import GPT2_PLAN, LLAMA_PLAN, parallelize
-from tandem import checkpoint, models  # noqa: F401
+from tandem import checkpoint, models, optim  # noqa: F401
+from tandem.optim import clip_grad_norm_
+from tandem.recomputation import recompute
 
 __all__ = ["build_info", "ops", "nn", "models", "checkpoint", "Mesh", "init_mesh", "get_mesh", "set_mesh",
-           "parallelize", "GPT2_PLAN", "LLAMA_PLAN"]
+           "parallelize", "GPT2_PLAN", "LLAMA_PLAN", "optim", "clip_grad_norm_",
+           "recompute"]
 __version__ = "0.1.0"
 
 

@@ -1,4 +1,5 @@
-"""Checkpoints that move between TP sizes, on torch.distributed.checkpoint (DCP).
+"""Checkpoints that move between TP sizes (and, for a tandem optimizer's state, between dp
+sizes), on torch.distributed.checkpoint (DCP).
 
 Every sharded parameter is saved as a DTensor over its TP group, so the checkpoint holds
 global shapes and each shard's offset; a model at another TP degree (or a plain
@@ -6,10 +7,12 @@ single-device model) loads the same full weights, resharded on read. Replicated
 parameters are written once. Saves are atomic: files go to ``PATH.partial`` and the
 directory is renamed to ``PATH`` only after every rank has finished writing.
 
-A training checkpoint also holds the optimizer's state (``optimizer=``): every state tensor
-of a parameter's shape (AdamW's moments) is sharded like the parameter, under
-``optimizer.<param name>.<key>``, so it too loads at another TP or PP layout; and any other
-tensors (``state=``, e.g. each rank's RNG states under keys of its own).
+A training checkpoint also holds the optimizer's state (``optimizer=``): with a tandem.optim
+MixedPrecisionOptimizer or DistributedOptimizer its fp32 masters and states, each rank its
+own shard (tandem.optim._dcp), read back at any dp and tp degree; with torch's Adam/AdamW
+every state tensor of a parameter's shape (the moments) sharded like the parameter, under
+``optimizer.<param name>.<key>``, so it too loads at another TP or PP layout. ``state=``:
+any other tensors (e.g. each rank's RNG states under keys of its own).
 """
 
 import json
@@ -173,16 +176,25 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def _names(model: nn.Module) -> dict:
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def _tandem_optimizer(optimizer) -> bool:
+    return hasattr(optimizer, "sharded_state_dict")
+
+
 def save(model: nn.Module, path: str, *, params=None, extra: Optional[dict] = None, optimizer=None,
          state: Optional[dict] = None, before_commit=None) -> None:
     """Write ``model`` to the directory ``path``; collective over every rank.
 
     ``params``: the parameters this rank owns (e.g. its pipeline stage's), written under
     their names in ``model``; default all. ``extra`` (JSON-serialisable) is stored beside
-    the weights, e.g. the model config. ``optimizer``: an Adam/AdamW over (some of) the
-    model's parameters, whose state is saved too. ``state``: more tensors, by key.
-    ``before_commit()``: called on every rank once its part is written, before the
-    checkpoint is complete (a rank that dies in it leaves only ``PATH.partial``).
+    the weights, e.g. the model config. ``optimizer``: a tandem optimizer, or torch's
+    Adam/AdamW, over parameters of ``model`` whose state is written too (a tandem
+    optimizer's shard on each rank). ``state``: more tensors, by key. ``before_commit()``:
+    called on every rank once its part is written, before the checkpoint is complete (a
+    rank that dies in it leaves only ``PATH.partial``).
     """
     path = os.path.abspath(path)
     partial = path + ".partial"
@@ -190,9 +202,12 @@ def save(model: nn.Module, path: str, *, params=None, extra: Optional[dict] = No
         shutil.rmtree(partial, ignore_errors=True)  # the leftovers of an interrupted save
         os.makedirs(partial)
     _barrier()
+    if optimizer is not None and _tandem_optimizer(optimizer):
+        optimizer.finish_param_gather()  # parameters whose all-gather is still pending: written when it lands
     sd = _state_dict(model, params)
     if optimizer is not None:
-        sd.update(_optimizer_state_dict(model, optimizer))
+        sd.update(optimizer.sharded_state_dict(_names(model)) if _tandem_optimizer(optimizer)
+                  else _optimizer_state_dict(model, optimizer))
     sd.update(state or {})
     dcp.save(sd, storage_writer=dcp.FileSystemWriter(partial))
     if before_commit is not None:
@@ -238,15 +253,18 @@ def load(model: nn.Module, path: str, *, params=None, optimizer=None, state: Opt
     """Load the checkpoint at ``path`` into ``model`` in place, whatever TP degree wrote it.
 
     ``params``: load only these parameters of ``model`` (e.g. this rank's pipeline stage's);
-    default all. ``optimizer``: also load its state (saved by :func:`save` with an
-    optimizer, at any layout). ``state``: more tensors, loaded in place by key.
+    default all. ``optimizer``: also load its state (written with ``save(..., optimizer=)``
+    at any layout; a tandem optimizer's at any dp and tp degree, the parameters then set
+    from its fp32 masters). ``state``: more tensors, loaded in place by key.
     Collective over every rank. Raises FileNotFoundError (before any communication) when
     ``path`` holds no complete checkpoint, and an error naming the keys when they differ.
     """
     path = os.path.abspath(path)
     _check_complete(path)
     sd = _state_dict(model, params)
-    if optimizer is not None:
+    if optimizer is not None and not _tandem_optimizer(optimizer):
         sd.update(_optimizer_state_dict(model, optimizer))
     sd.update(state or {})
     dcp.load(sd, storage_reader=dcp.FileSystemReader(path))
+    if optimizer is not None and _tandem_optimizer(optimizer):
+        optimizer.load_sharded_state_dict(_names(model), dcp.FileSystemReader(path))

@@ -93,13 +93,16 @@ class Mesh:
         store, so that the other ranks' next agreement on it (PipelineRunner, generate)
         stops at once instead of waiting for this rank. Using its communicators later
         raises, naming ``reason``."""
-        from tandem.comm import abort_all
+        from tandem.comm import Communicator, abort_all
 
         first = self._aborted is None
         if first:
             self._aborted = reason
         # with their forks (the StageLinks'): all revoked first, so none waits for another
-        abort_all(self._comms.values())
+        abort_all([c for c in self._comms.values() if isinstance(c, Communicator)])
+        for other in self._comms.values():  # what else is kept on the mesh (generate's ring)
+            if not isinstance(other, Communicator):
+                other.abort()
         key, store = self._abort_key(), job_store()
         if first and key is not None and store is not None:
             try:  # the first reason stays; best effort: every rank fails on its own anyway
@@ -136,7 +139,7 @@ class Mesh:
         their forks, through their failure domain) so far completed, at most ``timeout``
         seconds each (default the mesh's), and raise if one failed. On CUDA waits only order
         streams; this is the host check before an optimizer steps on what they delivered."""
-        for comm in self._comms.values():
+        for comm in self._comms.values():  # Communicators, and generate's ring
             comm.synchronize(self.timeout if timeout is None else timeout)
 
     def _comm(self, name: str):

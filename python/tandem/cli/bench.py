@@ -22,11 +22,13 @@ SUITES = {
     "pipeline": ("bench_pipeline.py", 2, [], ["--microbatches", "2", "4", "--layers", "2", "--hidden", "64"]),
     # one process that starts a gloo world per layout (tp1, tp2, pp2, tp2xpp2) itself
     "generate": ("bench_generate.py", 1, [], ["--quick"]),
+    "memory": ("bench_memory.py", 4, [], ["--quick"]),
+    "zero": ("bench_zero.py", 2, [], ["--quick"]),
 }
 
 
 def add_parser(sub):
-    p = sub.add_parser("bench", help="microbenchmarks: gemm, comm, p2p, overlap, tp, pipeline, generate, all")
+    p = sub.add_parser("bench", help="microbenchmarks: gemm, comm, p2p, overlap, tp, pipeline, generate, memory, zero, all")
     p.add_argument("suite", choices=[*SUITES, "all"])
     p.add_argument("--quick", action="store_true", help="small sizes (a CPU runs each suite in seconds)")
     p.add_argument("--json", metavar="DIR", nargs="?", const="runs/bench",

@@ -88,7 +88,12 @@ def _plot_loss(report, chance: float, floor, unigram, path: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(args, cfg, mesh, report, timeline, elapsed, steps_run, reference) -> None:
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def write_outputs(args, cfg, mesh, report, timeline, elapsed, steps_run, reference, memory=None,
+                  optimizer="") -> None:
     from tandem.pipeline import chrome_trace, render
 
     rows = _gather_timeline(mesh, timeline)
@@ -103,6 +108,10 @@ def write_outputs(args, cfg, mesh, report, timeline, elapsed, steps_run, referen
     metrics = {
         "parallel": {"tp": mesh.tp, "pp": mesh.pp, "dp": mesh.dp, "schedule": args.schedule if mesh.pp > 1 else None,
                      "microbatches": args.microbatches, "grad_accum": args.grad_accum, "device": mesh.device.type},
+        "training": {"precision": args.precision, "recompute": cfg.recompute, "zero1": args.zero1,
+                     "clip_grad": args.clip_grad, "weight_decay": args.weight_decay, "optimizer": optimizer,
+                     "skipped_steps": sum(not h.get("stepped", True) for h in history),
+                     "memory_rank0_bytes": memory},
         "model": cfg.__dict__,
         "data": {"train": args.data, "val": args.val_data or (f"last {args.val_fraction} of --data"
                                                               if args.val_fraction is not None else None)},
@@ -145,9 +154,17 @@ def write_outputs(args, cfg, mesh, report, timeline, elapsed, steps_run, referen
         ev = report.evals[-1]
         vs = f" vs unigram entropy {report.unigram:.4f}" if report.unigram is not None else ""
         print(f"validation loss {ev['val_loss']:.4f}{vs} after {ev['step'] + 1} steps")
+    if memory is not None:
+        print(f"memory of rank 0 ({args.precision}{', zero1' if args.zero1 else ''}): parameters "
+              f"{_mib(memory['parameters'])}, gradients {_mib(memory['gradients'])}, fp32 masters "
+              f"{_mib(memory['masters'])}, optimizer states {_mib(memory['optimizer_states'])}")
+    skipped = metrics["training"]["skipped_steps"]
+    if skipped:
+        print(f"{skipped} step(s) skipped for inf/nan gradients")
     if reference is not None:
         print(f"check: largest loss difference to the tp=pp=dp=1 reference over {len(history)} steps: "
-              f"{metrics['check']['max_loss_diff']:.2e}")
+              f"{metrics['check']['max_loss_diff']:.2e}"
+              + (f" ({args.precision} against fp32)" if args.precision != "fp32" else ""))
     print(f"wrote {out}/: metrics.json, metrics.jsonl, checkpoint/ (-> checkpoints/step-{args.steps:08d}), "
           "timeline.json, schedule.png, loss.png")
 

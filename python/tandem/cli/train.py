@@ -45,6 +45,18 @@ def add_parser(sub):
     p.add_argument("--check", action="store_true", help="also train the tp=pp=dp=1 reference on the same data "
                    "and report the largest loss difference")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any rank waits for another")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="parameters and compute; bf16/fp16 keep fp32 master weights and fp32 gradient "
+                   "accumulation (fp16: dynamic loss scaling)")
+    p.add_argument("--recompute", default=None, choices=["none", "selective", "full"],
+                   help="activation recomputation: selective = attention core, full = whole blocks "
+                   "(default: the model config's, else none)")
+    p.add_argument("--zero1", action="store_true", help="distributed optimizer: fp32 masters and AdamW states "
+                   "sharded over dp (ZeRO-1), gradients reduce-scattered")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="clip the global gradient norm (over tp x pp x dp) "
+                   "to this; 0 disables")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the linear layers' "
+                   "weights (norms, biases and embeddings take none)")
     train_options.add_options(p)
     p.set_defaults(run=run)
 
@@ -83,6 +95,10 @@ def _world(args) -> tuple[int, int, int, int]:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise common.UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    for name in ("clip_grad", "weight_decay"):
+        v = getattr(args, name)
+        if not v >= 0 or v == float("inf"):
+            raise common.UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
     tp, pp = args.tp, args.pp
     if common.under_launcher():
         world = int(os.environ["WORLD_SIZE"])
@@ -107,6 +123,8 @@ def schedule_for(name: str, pp: int, microbatches: int):
 def validate(args):
     """Everything checkable before any process starts. Returns (cfg, tp, pp, dp, world)."""
     cfg = model_config(args.model) if args.init_from is None else _hf_config(args.init_from)
+    if args.recompute is not None:
+        cfg.recompute = args.recompute
     tp, pp, dp, world = _world(args)
     try:
         cfg.check_tp(tp)

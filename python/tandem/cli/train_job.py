@@ -27,6 +27,7 @@ from tandem.cli.train_options import KILL_ENV, open_data, schedule
 __all__ = ["Job", "check_resumable", "restart_count"]
 
 _KIND = "tandem-train"
+_FREE = {"recompute"}  # model settings that change no number: a run may resume with others
 
 
 def restart_count() -> int:
@@ -53,6 +54,13 @@ def _differences(saved: dict, mine: dict) -> list:
             if saved.get(k) != mine.get(k)]
 
 
+def _optimizer_kind(args) -> dict:
+    """What decides the layout of the optimizer's state in a checkpoint: tandem.optim's fp32
+    masters (--precision bf16/fp16 or --zero1; any dp loads them) or torch's AdamW."""
+    tandem_optim = args.zero1 or args.precision != "fp32"
+    return {"state": "tandem.optim (fp32 masters)" if tandem_optim else "torch.optim.AdamW"}
+
+
 def check_resumable(args, cfg, dp: int, train) -> str:
     """The checkpoint --resume names, checked against this run's model, schedule and data
     (UsageError naming every difference, or an incomplete or missing checkpoint)."""
@@ -66,9 +74,11 @@ def check_resumable(args, cfg, dp: int, train) -> str:
     if extra.get("kind") != _KIND:
         raise common.UsageError(f"--resume: '{path}' is not a training checkpoint of `tandem train` (no optimizer, "
                                 "step and data position)")
-    problems = [f"model {d}" for d in _differences(extra["config"], dict(cfg.__dict__))]
+    mine = {k: v for k, v in cfg.__dict__.items() if k not in _FREE}
+    problems = [f"model {d}" for d in _differences({k: v for k, v in extra["config"].items() if k not in _FREE}, mine)]
     problems += [f"learning rate {d}" for d in _differences(extra["schedule"], schedule(args).state_dict())]
     problems += [f"data {d}" for d in _differences(extra["data"], _data_position(args, cfg, dp, train))]
+    problems += [f"optimizer {d}" for d in _differences(extra.get("optimizer", {}), _optimizer_kind(args))]
     if problems:
         raise common.UsageError(f"--resume: '{path}' was written by another run: {'; '.join(problems)}")
     return path
@@ -153,7 +163,7 @@ class Job:
                 "data": _data_position(self.args, self.cfg, mesh.dp, self.train_data),
                 "layout": {"tp": mesh.tp, "pp": mesh.pp, "dp": mesh.dp}, "tp": mesh.tp, "pp": mesh.pp, "dp": mesh.dp,
                 "tokenizer": (self.train_data.meta or {}).get("tokenizer") if self.train_data is not None else None,
-                "run": _run_id()}
+                "run": _run_id(), "optimizer": _optimizer_kind(self.args)}
 
     def save(self, step: int) -> str:
         """Write the checkpoint after ``step`` steps (collective); prune to --keep."""

@@ -7,38 +7,62 @@ import torch
 from tandem.cli import common
 
 
+def _optimizer(args, mesh, modules):
+    """AdamW over ``modules`` as --precision, --zero1 and --weight-decay ask: a tandem
+    optimizer (fp32 masters, fp32 gradient buffers; ZeRO-1 with --zero1) or torch's."""
+    from tandem.optim import DistributedOptimizer, MixedPrecisionOptimizer, weight_decay_groups
+
+    groups = [g for g in weight_decay_groups(modules, args.weight_decay) if g["params"]]
+    if args.zero1:
+        return DistributedOptimizer(groups, torch.optim.AdamW, mesh=mesh, lr=args.lr)
+    if args.precision != "fp32":
+        return MixedPrecisionOptimizer(groups, torch.optim.AdamW, mesh=mesh, lr=args.lr)
+    return torch.optim.AdamW(groups, lr=args.lr)
+
+
 def _build(args, cfg, mesh):
-    """(full model, this rank's trainable modules, step(inputs, targets) -> global loss with
-    gradients averaged over dp, timeline() -> records, the PipelineRunner or None)."""
+    """(full model, this rank's trainable modules, optimizer, step(inputs, targets) -> global
+    loss with gradients averaged over dp, timeline() -> records, the PipelineRunner or None)."""
     from tandem.dp import all_reduce_grads
     from tandem.models import GPT
+    from tandem.optim import MixedPrecisionOptimizer, precision_dtype
 
     torch.manual_seed(args.seed)  # identical full weights on every rank, as the reference
-    model = GPT(cfg, mesh=mesh) if args.init_from is None else _from_hf(args, mesh)
+    model = (GPT(cfg, mesh=mesh) if args.init_from is None else _from_hf(args, mesh)).to(precision_dtype(args.precision))
     if mesh.pp > 1:
         from tandem.cli.train_pipeline import build_pipeline
 
-        stages, step, runner = build_pipeline(args, cfg, mesh, model)
-        return model, stages, step, runner.resolve_timeline, runner
+        stages, opt, step, runner = build_pipeline(args, cfg, mesh, model,
+                                                   lambda modules: _optimizer(args, mesh, modules))
+        return model, stages, opt, step, runner.resolve_timeline, runner
+    opt = _optimizer(args, mesh, [model])
+    tandem_opt = isinstance(opt, MixedPrecisionOptimizer)
     records = []
 
     def step(inputs, targets):
         t0 = time.perf_counter()
         loss = model(inputs, targets)
         t1 = time.perf_counter()
-        loss.backward()
+        (opt.scale_loss(loss) if tandem_opt else loss).backward()
         t2 = time.perf_counter()
         records.append(("F", t0, t1))
         records.append(("B", t1, t2))
         del records[:-2 * args.grad_accum]  # the last step's (a picture of every step is unreadable)
-        all_reduce_grads(model.parameters(), mesh)  # average over dp
+        if not tandem_opt:  # a tandem optimizer reduces its buckets over dp itself
+            all_reduce_grads(model.parameters(), mesh)  # average over dp
         loss = loss.detach().float()
         if mesh.dp > 1:  # the global batch's loss: the mean over replicas
             mesh.dp_comm.all_reduce(loss).wait()
             loss /= mesh.dp
         return loss
 
-    return model, model, step, lambda: records, None
+    return model, model, opt, step, lambda: records, None
+
+
+def repr_optimizer(opt) -> str:
+    from tandem.optim import MixedPrecisionOptimizer
+
+    return repr(opt) if isinstance(opt, MixedPrecisionOptimizer) else f"torch.optim.{type(opt).__name__}"
 
 
 def _from_hf(args, mesh):
@@ -52,13 +76,14 @@ def _from_hf(args, mesh):
 
 def _reference_losses(args, cfg, job) -> list:
     """Loss per step of the tp=pp=dp=1 model on the same data (all dp shards in one batch),
-    with the same learning-rate schedule and accumulation."""
+    with the same learning-rate schedule, accumulation, weight decay and clipping."""
     from tandem.mesh import Mesh
     from tandem.models import GPT
+    from tandem.optim import weight_decay_groups
 
     torch.manual_seed(args.seed)
     model = GPT(cfg, mesh=Mesh.single()) if args.init_from is None else _from_hf(args, Mesh.single())
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    opt = torch.optim.AdamW([g for g in weight_decay_groups(model, args.weight_decay) if g["params"]], lr=args.lr)
     losses = []
     for step in range(args.steps):
         job.schedule.apply(opt, step)
@@ -69,6 +94,8 @@ def _reference_losses(args, cfg, job) -> list:
             loss.backward()
             total += loss.item()
         _average_accumulated(model.parameters(), job.accum)
+        if args.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         opt.step()
         opt.zero_grad()
         losses.append(total / job.accum)
@@ -95,6 +122,43 @@ def _micro_steps(job, step_fn, meter, mesh, step: int, params) -> float:
     return total / job.accum
 
 
+def _optimizer_step(args, opt, target, mesh) -> tuple:
+    """Clip (--clip-grad) and step; (gradient norm or None, whether the step was taken). A
+    step whose gradients hold inf/nan is skipped on every rank (fp16: the loss scale backs off)."""
+    import math
+
+    import tandem
+    from tandem.optim import MixedPrecisionOptimizer
+
+    norm = None
+    if args.clip_grad > 0:
+        norm = tandem.clip_grad_norm_(opt if isinstance(opt, MixedPrecisionOptimizer) else target,
+                                      args.clip_grad, mesh=mesh).item()
+    if isinstance(opt, MixedPrecisionOptimizer) and opt.scaler is not None:
+        return norm, opt.step()  # it agrees over the mesh on inf/nan gradients
+    if norm is not None and not math.isfinite(norm):
+        return norm, False  # the same norm on every rank: all skip
+    opt.step()
+    return norm, True
+
+
+def _memory(opt, params) -> dict:
+    """Bytes on this rank: parameters, gradients, fp32 masters, optimizer states."""
+    from tandem.optim import MixedPrecisionOptimizer
+
+    out = {"parameters": sum(p.numel() * p.element_size() for p in params)}
+    if isinstance(opt, MixedPrecisionOptimizer):
+        out["gradients"] = sum(b.grad.numel() * 4 for b in opt.layout.buckets)
+        out["masters"] = opt.master_bytes()
+        out["optimizer_states"] = opt.state_bytes()
+    else:
+        out["gradients"] = out["parameters"]
+        out["masters"] = 0
+        out["optimizer_states"] = sum(v.numel() * v.element_size() for st in opt.state.values()
+                                      for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+    return out
+
+
 def _unigram(job):
     from tandem import data
 
@@ -112,22 +176,28 @@ def train(args, cfg, tp: int, pp: int, dp: int) -> int:
     rank0 = mesh.rank == 0
     if rank0:
         print(mesh.describe(), flush=True)
-    model, module, step_fn, timeline, runner = _build(args, cfg, mesh)
+    model, module, opt, step_fn, timeline, runner = _build(args, cfg, mesh)
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr)
     job = Job(args, cfg, mesh, model, params, opt)
     start, resumed_from = job.start()
     report = Reporter(args, cfg, mesh, params, opt, unigram_entropy=_unigram(job) if rank0 else None)
     report.begin(start, resumed_from)
     evaluate = evaluator(cfg, mesh, model, runner) if args.eval_every else None
     eval_batches = job.eval_batches() if evaluate is not None else None
-    began, records = time.perf_counter(), []
+    began, records, memory = time.perf_counter(), [], None
     for step in range(start, args.steps):
         t0 = time.perf_counter()
         lr = job.before_step(step)
         loss = _micro_steps(job, step_fn, report.meter, mesh, step, params)
-        opt.step()
-        report.step(step, loss, lr, time.perf_counter() - t0)  # before zero_grad: gradients count
+        norm, stepped = _optimizer_step(args, opt, module, mesh)
+        if memory is None:
+            memory = _memory(opt, params)
+        # before zero_grad: the gradients count in the memory
+        report.step(step, loss, lr, time.perf_counter() - t0, grad_norm=norm,
+                    more={"stepped": stepped, "loss_scale": getattr(opt, "loss_scale", 1.0)})
+        if not stepped:
+            report.note(f"step {step}: skipped, gradient norm {norm} (inf/nan gradients)"
+                        + (f"; loss scale now {opt.loss_scale:g}" if getattr(opt, "scaler", None) is not None else ""))
         opt.zero_grad(set_to_none=True)
         done = step + 1
         if done == args.steps:
@@ -145,6 +215,6 @@ def train(args, cfg, tp: int, pp: int, dp: int) -> int:
     from tandem.cli.outputs import write_outputs
 
     write_outputs(args, cfg, mesh, report, records, elapsed, args.steps - start,
-                  _reference_losses(args, cfg, job) if (args.check and rank0) else None)
+                  _reference_losses(args, cfg, job) if (args.check and rank0) else None, memory, repr_optimizer(opt))
     common.finish()
     return 0

@@ -25,7 +25,9 @@ def _peak_tflops(args, mesh):
         return args.peak_tflops
     if mesh.device.type != "cuda":
         return None  # a CPU has no entry: MFU is omitted unless --peak-tflops is given
-    dtype = getattr(args, "compute_dtype", torch.float32)
+    from tandem.optim import precision_dtype
+
+    dtype = precision_dtype(args.precision)
     return metrics.peak_tflops(torch.cuda.get_device_name(mesh.device), metrics.compute_dtype_name(dtype))
 
 
@@ -114,8 +116,9 @@ class Reporter:
             mem["peak"] = mem["total"]
         return mem
 
-    def step(self, step: int, loss: float, lr: float, seconds: float, grad_norm=None) -> None:
-        """Record step ``step`` (collective: the memory peak is the largest over ranks)."""
+    def step(self, step: int, loss: float, lr: float, seconds: float, grad_norm=None, more=None) -> None:
+        """Record step ``step`` (collective: the memory peak is the largest over ranks);
+        ``more``: further fields of its record."""
         mem = self.memory()
         if self.peak_memory is None or mem["peak"] >= self.peak_memory["peak"]:
             self.peak_memory = mem  # the breakdown at this rank's peak (gradients included)
@@ -132,10 +135,13 @@ class Reporter:
             r["grad_norm"] = grad_norm
         if self.peak is not None:
             r["mfu"] = tflops / self.peak
+        r.update(more or {})
         self._write(r)
         if self.bar is not None:
             post = {"loss": f"{loss:.3f}", "lr": f"{lr:.1e}", "tok_s": f"{r['tokens_per_s']:,.0f}",
                     "mem": f"{r['memory_peak_bytes'] / _MIB:.0f}MiB"}
+            if grad_norm is not None:
+                post["gnorm"] = f"{grad_norm:.2f}"
             if "mfu" in r:
                 post["mfu"] = f"{100 * r['mfu']:.1f}%"
             self.bar.set_postfix(post)
@@ -153,6 +159,11 @@ class Reporter:
             parts.append(f"MFU {100 * r['mfu']:.1f}%")
         parts.append(f"mem {r['memory_peak_bytes'] / _MIB:.1f} MiB")
         return " | ".join(parts)
+
+    def note(self, line: str) -> None:
+        """Print ``line`` (rank 0), above the progress bar when there is one."""
+        if self.rank0:
+            (self.bar.write if self.bar is not None else print)(line)
 
     def eval(self, step: int, val_loss: float) -> None:
         """Record the validation loss after ``step`` + 1 steps (rank 0)."""

@@ -26,6 +26,7 @@ from tandem.nn.mlp import ACTIVATIONS, ParallelMLP
 from tandem.nn.rope import check_rope_scaling
 from tandem.nn.state import FullStateDictMixin
 from tandem.models.sampling import Sampling, pick
+from tandem.recomputation import recompute
 
 __all__ = ["GPT", "GPTConfig", "GPTEmbedding", "GPTBlock", "GPTHead", "next_token", "left_padding", "EndOfSequence"]
 
@@ -68,6 +69,8 @@ class GPTConfig:
     """Llama 3.1's RoPE scaling ({"rope_type": "llama3", "factor", ...}), or None"""
     qkv_bias: Optional[bool] = None
     """biases on q, k and v (None: as ``bias``; Qwen2: True with bias=False)"""
+    recompute: str = "none"
+    """activation recomputation of every block: "none", "selective" (attention core) or "full" (tandem.recompute)"""
 
     def __post_init__(self):
         for name in ("vocab_size", "max_seq_len", "num_layers", "hidden_size", "num_heads"):
@@ -94,6 +97,8 @@ class GPTConfig:
         kv = self.num_kv_heads or self.num_heads
         if self.num_heads % kv:
             raise ValueError(f"GPTConfig: num_heads={self.num_heads} is not divisible by num_kv_heads={kv}")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"GPTConfig: recompute must be 'none', 'selective' or 'full', got {self.recompute!r}")
 
     def check_tp(self, tp: int) -> None:
         """Raise ValueError naming every size that tp does not divide."""
@@ -229,6 +234,8 @@ class GPT(FullStateDictMixin, nn.Module):
         factory = dict(mesh=mesh, device=device, dtype=dtype)
         self.embed = GPTEmbedding(config, **factory)
         self.blocks = nn.ModuleList(GPTBlock(config, **factory) for _ in range(config.num_layers))
+        for block in self.blocks:
+            recompute(block, config.recompute)
         self.head = GPTHead(config, embedding=self.embed.tok, **factory)
 
     def layers(self) -> list:

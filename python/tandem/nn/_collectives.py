@@ -39,7 +39,15 @@ def reduce_scatter(x: Tensor, comm, dim: int) -> Tensor:
     if x0.shape[0] % comm.size:
         raise ValueError(f"reduce-scatter over tp={comm.size}: dimension {dim} of shape {tuple(x.shape)} "
                          f"is not divisible by {comm.size}")
-    out = x0.new_empty((x0.shape[0] // comm.size, *x0.shape[1:]))
+    n = x0.shape[0] // comm.size
+    if "gloo" in comm.backend:
+        # gloo's reduce-scatter (torch 2.14) never reports completion to a timed wait (its
+        # is_completed() stays False), so inside a pipeline call, whose waits are watched, it
+        # cannot be waited on: an all-reduce of which each rank keeps its block is the same sum
+        full = x0.clone()
+        comm.all_reduce(full).wait()  # (tp*n, ...) summed over tp
+        return full.narrow(0, comm.rank * n, n).movedim(0, dim).contiguous()  # chunk r on rank r
+    out = x0.new_empty((n, *x0.shape[1:]))
     comm.reduce_scatter(out, x0).wait()  # (tp*n, ...) -> (n, ...) summed, chunk r on rank r
     return out.movedim(0, dim).contiguous()
 

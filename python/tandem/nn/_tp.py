@@ -47,8 +47,19 @@ def shard(full: Tensor, dim: int, tp: TPInfo) -> Tensor:
     return full.narrow(dim, tp.rank * n, n)
 
 
-def new_param(shape, device, dtype) -> nn.Parameter:
-    return nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+def new_param(shape, device, dtype, *, tp_dim: Optional[int] = None) -> nn.Parameter:
+    """An uninitialised parameter; ``tp_dim``: the dimension along which it is this rank's
+    shard of a weight split over tp (None: the same on every tp rank)."""
+    p = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+    if tp_dim is not None:
+        p.tp_shard_dim = tp_dim
+    return p
+
+
+def tp_shard_dim(param: Tensor) -> Optional[int]:
+    """The dimension along which ``param`` is split over tp (None: replicated on the tp ranks,
+    e.g. norms, row-parallel biases, replicated KV projections)."""
+    return getattr(param, "tp_shard_dim", None)
 
 
 def init_device(device) -> torch.device:

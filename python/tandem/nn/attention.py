@@ -180,9 +180,14 @@ class ParallelSelfAttention(FullStateDictMixin, nn.Module):
         if self.causal:
             mask = attention_mask(s, offset, pad, x.device)  # query i sits at offset + i, sees keys ..offset+i
             is_causal = mask is None and offset == 0 and s > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (b, H/tp, s, hd)
+        out = self.attention_core(q, k, v, mask, is_causal)  # (b, H/tp, s, hd)
         out = out.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim)  # (b, s, h/tp)
         return self.o_proj(out)  # (b, s, h/tp) @ (h/tp, h) -> (b, s, h), all-reduced (or reduce-scattered)
+
+    def attention_core(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool) -> Tensor:
+        """softmax(q k^T / sqrt(hd) + mask) v: (b, H/tp, s, hd) x 3 -> (b, H/tp, s, hd); what
+        selective recomputation recomputes (tandem.recompute)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
     def new_cache(self, batch: int, max_seq_len: int, *, device=None, dtype=None,
                   pad: Optional[Tensor] = None) -> KVCache:

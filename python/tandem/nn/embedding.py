@@ -35,7 +35,7 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.local_num = check_divisible("VocabParallelEmbedding", "num_embeddings", num_embeddings, self.tp.size)
         self.vocab_start = self.tp.rank * self.local_num
-        self.weight = new_param((self.local_num, embedding_dim), device, dtype)
+        self.weight = new_param((self.local_num, embedding_dim), device, dtype, tp_dim=0)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

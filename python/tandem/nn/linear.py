@@ -51,8 +51,8 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.local_out = check_divisible("ColumnParallelLinear", "out_features", out_features, self.tp.size)
         self.gather_output, self.activation, self.sequence_parallel = gather_output, activation, sequence_parallel
-        self.weight = new_param((self.local_out, in_features), device, dtype)
-        self.bias = new_param((self.local_out,), device, dtype) if bias else None
+        self.weight = new_param((self.local_out, in_features), device, dtype, tp_dim=0)
+        self.bias = new_param((self.local_out,), device, dtype, tp_dim=0) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -118,7 +118,7 @@ class RowParallelLinear(nn.Module):
         self.local_in = check_divisible("RowParallelLinear", "in_features", in_features, self.tp.size)
         self.input_is_parallel, self.overlap_chunks = input_is_parallel, overlap_chunks
         self.sequence_parallel = sequence_parallel
-        self.weight = new_param((out_features, self.local_in), device, dtype)
+        self.weight = new_param((out_features, self.local_in), device, dtype, tp_dim=1)
         self.bias = new_param((out_features,), device, dtype) if bias else None  # replicated
         self.reset_parameters()
 

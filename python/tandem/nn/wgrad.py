@@ -2,7 +2,8 @@
 
 Inside ``defer_weight_grads(bucket)``, the backward of tandem's layers computes the input
 gradient (B) at once and appends the parameter-gradient work to ``bucket`` instead of
-running it; ``flush(bucket)`` runs it later (W) and accumulates into ``param.grad``. That
+running it; ``flush(bucket)`` runs it later (W) and accumulates into ``param.grad`` (or into
+``param.main_grad``, the fp32 buffer of a tandem optimizer, when the parameter has one). That
 covers tandem's linear layers (weight GEMMs and biases), ``layer_norm`` (weight and bias:
 ATen's layer-norm backward run once for the input, once for the parameters), ``rms_norm`` and
 ``embedding`` (the scatter-add of rows), which tandem's GPT uses. Outside the context every
@@ -75,6 +76,10 @@ def pending_params(buckets) -> collections.Counter:
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:
+    main = getattr(param, "main_grad", None)
+    if main is not None:  # a tandem optimizer's fp32 gradient buffer (mixed precision)
+        main.add_(grad)
+        return
     if param.grad is None:
         param.grad = grad.to(param.dtype)
     else:

@@ -108,7 +108,8 @@ class StageExec:
     def _roots(self, mb: int):
         """(output, its gradient) that start the backward of ``mb``."""
         if self.last:
-            return self.losses[mb], None
+            scale = self.runner.loss_scale  # fp16: the optimizer's loss scale
+            return (self.losses[mb] * scale if scale != 1.0 else self.losses[mb]), None
         return self.outputs[mb], self._output_grad(mb)
 
     def backward(self, mb: int) -> None:

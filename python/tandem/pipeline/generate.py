@@ -296,6 +296,9 @@ class _Ring:
     def abort(self) -> None:
         self.link.link.abort()
 
+    def synchronize(self, timeout: float) -> None:
+        self.link.link.synchronize(timeout)
+
 
 def _drop_ring(mesh) -> None:
     cached = mesh._comms.pop("generate_ring", None)

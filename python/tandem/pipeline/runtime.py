@@ -121,6 +121,10 @@ class PipelineRunner:
     "dynamic" (a header before every message). ``timeout``: seconds any wait may take.
     ``dp_bucket_bytes``: with dp > 1, the size of the gradient buckets whose dp all-reduce
     starts during the stage's last backward, as soon as autograd finished each bucket.
+    ``optimizer``: a ``tandem.optim`` MixedPrecisionOptimizer or DistributedOptimizer over
+    the stages' parameters: gradients then accumulate in its fp32 buffers, its buckets
+    are all-reduced (reduce-scattered) over dp during the last backward, and each
+    microbatch's loss is multiplied by its loss scale before the backward (fp16).
 
     Messages travel over a C++ ``tandem.comm.StageLink`` (forward and backward traffic on
     their own forks), receives posted as soon as the action list says.
@@ -128,7 +132,7 @@ class PipelineRunner:
 
     def __init__(self, stage_module, *, mesh=None, schedule, loss_fn: Callable,
                  num_microbatches: int, shapes: str = "static", timeout: float = 300.0,
-                 dp_bucket_bytes: int = 32 << 20):
+                 dp_bucket_bytes: int = 32 << 20, optimizer=None):
         from tandem.mesh import Mesh, get_mesh
 
         self.mesh = mesh if mesh is not None else (get_mesh() or Mesh.single())
@@ -136,14 +140,14 @@ class PipelineRunner:
         self.board = ErrorBoard(self.mesh.board_key("runner"))  # every rank of the mesh reads it
         self.rank = self.mesh.pp_rank
         self.who = f"pipeline rank {self.rank} (global rank {self.mesh.rank})"
-        self.p2p, self.reducer, self._closed = None, None, False
+        self.p2p, self.reducer, self.optimizer, self._closed = None, None, None, False
         # this rank's checks, then the agreement: a refusal or a setting that differs between
         # ranks fails every rank here, before any message or link
         names = ("num_microbatches", "schedule", "shapes", "timeout")
         refusal, settings, agree_timeout = None, {name: (0, "") for name in names}, AGREE_TIMEOUT_S
         try:
             modules = self._configure(stage_module, schedule, loss_fn, num_microbatches, shapes, timeout,
-                                      dp_bucket_bytes)
+                                      dp_bucket_bytes, optimizer)
             lists = ";".join(" ".join(map(str, lst)) for _, lst in sorted(self._all_lowered.items()))
             given = (num_microbatches, f"{self.schedule!r}: {lists}", shapes, float(timeout))
             shown = (num_microbatches, self.schedule, shapes, float(timeout))  # not every list
@@ -163,20 +167,23 @@ class PipelineRunner:
                 self._fail(f"{self.who}: building the StageLink failed: {e}", e)
         self.stages = {s: StageExec(s, mod, self) for s, mod in zip(mine, modules)}
         self._tied = _tied_weights(self.stages)
-        if self.mesh.dp > 1:  # dp all-reduce of each stage's buckets during its last backward
+        tied = {id(param) for *_, param in self._tied}
+        groups = [[p for p in ex.module.parameters() if id(p) not in tied] for ex in self.stages.values()]
+        if self.optimizer is not None:
+            if self.mesh.dp > 1:  # its buckets; the tied weights' are final only at the end
+                self.reducer = self.optimizer.grad_reducer(groups)
+        elif self.mesh.dp > 1:  # dp all-reduce of each stage's buckets during its last backward
             from tandem.dp import OverlappedGradReducer
 
-            tied = {id(param) for *_, param in self._tied}
-            self.reducer = OverlappedGradReducer(
-                [[p for p in ex.module.parameters() if id(p) not in tied] for ex in self.stages.values()],
-                self.mesh, bucket_bytes=dp_bucket_bytes)
+            self.reducer = OverlappedGradReducer(groups, self.mesh, bucket_bytes=dp_bucket_bytes)
+        if self.reducer is not None:
             self._group = {s: i for i, s in enumerate(self.stages)}
             self._last_b, self._done_at = _final_gradient_actions(self.lowered)
         self.timeline: list[TimelineRecord] = []
         self._events: list = []
 
     def _configure(self, stage_module, schedule, loss_fn, num_microbatches, shapes, timeout,
-                   dp_bucket_bytes) -> list:
+                   dp_bucket_bytes, optimizer) -> list:
         """This rank's checks (ValueError / TypeError naming what is wrong) and settings;
         returns its stage modules in order."""
         pp, rank = self.mesh.pp, self.rank
@@ -194,6 +201,15 @@ class PipelineRunner:
             raise ValueError(f"PipelineRunner: dp_bucket_bytes must be an int >= 1, got {dp_bucket_bytes!r}")
         if not callable(loss_fn):
             raise TypeError(f"PipelineRunner: loss_fn must be callable, got {loss_fn!r}")
+        from tandem.optim import MixedPrecisionOptimizer
+
+        if optimizer is not None and not isinstance(optimizer, MixedPrecisionOptimizer):
+            raise TypeError("PipelineRunner: optimizer must be a tandem.optim MixedPrecisionOptimizer or "
+                            f"DistributedOptimizer (a torch optimizer needs none: step it after the runner), "
+                            f"got {type(optimizer).__name__}")
+        if optimizer is not None and optimizer.mesh is not self.mesh:
+            raise ValueError("PipelineRunner: the optimizer was built on another mesh than the runner's")
+        self.optimizer = optimizer
         self.schedule = _build_schedule(schedule, pp, num_microbatches)
         self.layout = self.schedule.layout
         self.num_microbatches, self.loss_fn, self.timeout = num_microbatches, loss_fn, timeout
@@ -211,6 +227,13 @@ class PipelineRunner:
                 raise ValueError(f"PipelineRunner: pipeline rank {rank} runs stage {s} of "
                                  f"{self.layout.num_stages}, but was given stage {given} of "
                                  f"{getattr(mod, 'num_stages', '?')}")
+        if optimizer is not None:
+            missing = [p for mod in modules for p in mod.parameters()
+                       if p.requires_grad and id(p) not in optimizer.layout.where]
+            if missing:
+                raise ValueError(f"PipelineRunner: {len(missing)} parameter(s) of this rank's stages (first of "
+                                 f"shape {tuple(missing[0].shape)}) are not managed by the optimizer; build it "
+                                 "over every parameter of the stages")
         if pp > 1:
             _neighbours(self.layout, rank)  # a layout the runtime cannot run: refused here
         self._all_lowered = lower(self.schedule)  # every rank's list: what the ranks agree on
@@ -219,6 +242,12 @@ class PipelineRunner:
         return modules
 
     # --- public ---------------------------------------------------------------------------
+    @property
+    def loss_scale(self) -> float:
+        """What each microbatch loss is multiplied by before its backward (the optimizer's
+        loss scale; 1.0 without one)."""
+        return self.optimizer.loss_scale if self.optimizer is not None else 1.0
+
     @property
     def stage_modules(self) -> list[nn.Module]:
         return [ex.module for ex in self.stages.values()]
@@ -436,31 +465,56 @@ class PipelineRunner:
 
     # --- after the last action ----------------------------------------------------------
     def _set_aside_tied_grads(self) -> list:
-        """The tied weights' accumulated gradients (equal on both ends), set to None so that
-        the step's exchange sums this step's gradients alone."""
+        """The tied weights' accumulated gradients (equal on both ends), set to None (a tandem
+        optimizer's fp32 buffer: copied, then zeroed) so that the step's exchange sums this
+        step's gradients alone."""
         kept = []
         for *_, param in self._tied:
-            kept.append(param.grad)
-            param.grad = None
+            main = getattr(param, "main_grad", None)
+            if main is not None:
+                kept.append(main.clone())
+                main.zero_()
+            else:
+                kept.append(param.grad)
+                param.grad = None
         return kept
 
     def _restore_tied_grads(self, kept: list) -> None:
         for (*_, param), before in zip(self._tied, kept):
-            param.grad = before
+            main = getattr(param, "main_grad", None)
+            if main is not None:
+                main.copy_(before)
+            else:
+                param.grad = before
+
+    @staticmethod
+    def _this_step_grad(param):
+        main = getattr(param, "main_grad", None)
+        if main is not None:
+            return main
+        return param.grad if param.grad is not None else torch.zeros_like(param)
+
+    @staticmethod
+    def _store_grad(param, grad) -> None:
+        main = getattr(param, "main_grad", None)
+        if main is not None:
+            main.copy_(grad)
+        else:
+            param.grad = grad
 
     def _sum_tied_grads(self, kept: list) -> None:
         """Sum each tied weight's gradient of this step with the other end's, then add what
         was accumulated before (``kept``): both ends hold the same bits."""
         local: dict = {}
         for (pair, stage, other, name, param), before in zip(self._tied, kept):
-            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            grad = self._this_step_grad(param)
             peer = self.layout.rank_of(other)
             if peer == self.rank:  # both ends on this rank: sum once both are seen
                 if pair in local:
                     other_param, other_grad, other_before = local.pop(pair)
                     total = grad + other_grad
-                    param.grad = total if before is None else total + before
-                    other_param.grad = total.clone() if other_before is None else total + other_before
+                    self._store_grad(param, total if before is None else total + before)
+                    self._store_grad(other_param, total.clone() if other_before is None else total + other_before)
                 else:
                     local[pair] = (param, grad, before)
                 continue
@@ -472,7 +526,7 @@ class PipelineRunner:
                      self.timeout, host=self.device.type != "cuda")  # CUDA: the stream waits
             # a + b == b + a in floating point: both ends hold the same sum
             total = grad + theirs if stage == pair[0] else theirs + grad
-            param.grad = total if before is None else total + before
+            self._store_grad(param, total if before is None else total + before)
 
     def _all_reduce_dp(self) -> None:
         """Average over dp: wait for the buckets started during the backward, then the tied
@@ -484,8 +538,8 @@ class PipelineRunner:
         host = self.device.type != "cuda"
         self.reducer.finish(lambda work, what: wait(work, f"{self.who}: {what}", self.board,
                                                     self.timeout, host=host))
-        tied = [param for *_, param in self._tied]
-        all_reduce_grads(tied, self.mesh)
+        if self.optimizer is None:  # the optimizer's buckets held the tied weights
+            all_reduce_grads([param for *_, param in self._tied], self.mesh)
 
     def _check_delivered(self) -> None:
         """The host check before the caller uses the result (steps its optimizer): on CUDA
@@ -527,6 +581,8 @@ class PipelineRunner:
         if self.reducer is not None:
             self.reducer.remove()
             self.reducer = None
+        if self.optimizer is not None and self.optimizer.reducer is not None:
+            self.optimizer.reducer = None
         if self.p2p is not None:
             self.p2p.link.abort()
             self.p2p = None

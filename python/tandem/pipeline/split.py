@@ -81,6 +81,12 @@ class TiedWeight(nn.Module):
     def __init__(self, source: Tensor):
         super().__init__()
         self.weight = nn.Parameter(source.detach().clone(), requires_grad=source.requires_grad)
+        # what optimizers, clipping and checkpoints need to know: a copy (its gradient and
+        # norm count once, with the source's), of which weight, sharded over tp like it
+        self.weight._tandem_tied_copy = True
+        self.weight._tandem_tied_source = (source,)  # a tuple: not registered as a parameter
+        if getattr(source, "tp_shard_dim", None) is not None:
+            self.weight.tp_shard_dim = source.tp_shard_dim
 
 
 class StageModule(nn.Module):

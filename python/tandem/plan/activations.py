@@ -129,10 +129,12 @@ def head_terms(model, *, seq_len: int, microbatch: int, saved: str = "tandem", t
         return [T("final layernorm input", 2 * sbh, "sp"), T("LM head input", 2 * sbh, "sp"),
                 T("fp32 logits (cross entropy)", 4 * sb * V, "tp")]
     stats = (2 if model.norm == "layernorm" else 1) * stats_bytes * sb
-    ce = 4 * sb * V if tp == 1 else 8 * sb * V
-    return [T("final norm input", e * sbh, "sp"), T("final norm statistics", stats, "sp"),
-            T("LM head input", e * sbh, "none"), T("cross entropy fp32 tensors", ce, "tp"),
-            T("targets (int64)", 8 * sb, "none")]
+    terms = [T("final norm input", e * sbh, "sp"), T("final norm statistics", stats, "sp"),
+             T("LM head input", e * sbh, "none"), T("targets (int64)", 8 * sb, "none")]
+    if tp == 1:
+        return terms + [T("log-softmax (fp32)", 4 * sb * V, "tp")]
+    return terms + [T("shifted logits and their exponentials (fp32)", 8 * sb * V, "tp"),
+                    T("sum of exponentials (fp32)", 4 * sb, "none"), T("target masks (bool)", 2 * sb, "none")]
 
 
 def bytes_per_gpu(terms, tp: int, sequence_parallel: bool, *, skip_core: bool = False) -> Fraction:

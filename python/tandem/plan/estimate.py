@@ -27,6 +27,7 @@ from tandem.plan.activations import (bytes_per_gpu, embedding_terms, head_terms,
 from tandem.plan.flops import hardware_flops, model_flops
 from tandem.plan.framework import Framework, get_framework
 from tandem.plan.gemm import memory_time
+from tandem.plan.host import sharing_ranks, sharing_slowdown, stretched_costs
 from tandem.plan.layout import Layout, layout_problems, stage_blocks
 from tandem.plan.memory import BYTES_PER_PARAM, RankMemory, rank_memory
 from tandem.plan.model import ModelSpec, load_model
@@ -68,6 +69,8 @@ class Estimate:
     dp_total: float
     optimizer_time: float
     step_time: float
+    slowdown: float = 1.0
+    """how much slower each rank computes because ranks share a host's cores (host.py)"""
 
     @property
     def num_gpus(self) -> int:
@@ -100,7 +103,7 @@ class Estimate:
     @property
     def compute_time(self) -> float:
         """The busiest rank's F/B/W time, TP communication excluded (recomputation included)."""
-        return sum(self._rank_sum(k) for k in ("gemm", "attention", "elementwise", "recompute"))
+        return self.slowdown * sum(self._rank_sum(k) for k in ("gemm", "attention", "elementwise", "recompute"))
 
     @property
     def tp_exposed(self) -> float:
@@ -264,9 +267,14 @@ def estimate(model, layout, profile, *, global_batch: int, seq_len: int, precisi
     stages = stage_costs(model, layout, profile, framework, seq_len=seq_len, precision=precision, blocks=blocks,
                          gpus_per_node=gpus_per_node)
     p2p = _p2p(model, layout, profile, framework, seq_len=seq_len, precision=precision, gpus_per_node=gpus_per_node)
-    quiet = None
+    quiet, slowdown = None, 1.0
+    sharing = sharing_ranks(profile, layout, gpus_per_node)
     if not simulate:
         sim = closed_form_step(layout, m, [st.F.total + st.B.total + st.W.total for st in stages], p2p)
+    elif sharing:
+        slowdown, sim = sharing_slowdown(layout, m, stages, p2p, profile.cores_per_node, sharing, simulate_step)
+        if breakdown and p2p > 0:
+            quiet = simulate_step(layout, m, stretched_costs(stages, 0.0, slowdown))
     else:
         costs = {s: Costs(F=st.F.total, B=st.B.total, W=st.W.total, comm=p2p) for s, st in enumerate(stages)}
         sim = simulate_step(layout, m, costs)
@@ -275,7 +283,8 @@ def estimate(model, layout, profile, *, global_batch: int, seq_len: int, precisi
     dp_exp, dp_total = _dp_exposed(model, layout, profile, framework, stages, memory, precision=precision,
                                    gpus_per_node=gpus_per_node)
     d = layout.dp if layout.distributed_optimizer else 1
-    opt = [memory_time(profile, OPTIMIZER_BYTES[precision] * r.params / d, kernels=10) for r in memory]
+    crowd = sharing / profile.cores_per_node if sharing else 1.0  # every rank steps its optimizer at once
+    opt = [crowd * memory_time(profile, OPTIMIZER_BYTES[precision] * r.params / d, kernels=10) for r in memory]
     gather = 0.0
     if layout.distributed_optimizer:
         link = coll.group_link(profile, size=layout.dp, stride=layout.tp, gpus_per_node=gpus_per_node)

@@ -69,6 +69,8 @@ class Framework:
     """whether it has sequence parallelism"""
     distributed_optimizer: bool = True
     """whether it can shard the optimizer states over dp"""
+    recompute: tuple = ("none", "selective", "full")
+    """the activation recomputation modes it has"""
 
 
 TANDEM = Framework(
@@ -76,7 +78,8 @@ TANDEM = Framework(
     dp_overlap="last_backward", p2p_scatter_gather=False,
     # LN 2, residual add 3, LN 2, residual add 3, two bias adds 2 + 2
     replicated_passes=14.0, tp_passes=0.0,
-    ffn_passes=0.0,  # GeLU in the GEMM's epilogue (CUDA); calibrate.py adds 2 on a CPU
+    ffn_passes=0.0,  # GeLU in the GEMM's epilogue (CUDA); a separate pass (2) where the
+    # profile says fused_gelu=False (CPU)
     score_passes=0.0, mask_bytes=0.0, score_mask_bytes=0.0, ops_per_layer=16)
 
 MEGATRON_SC21 = Framework(
@@ -88,9 +91,10 @@ MEGATRON_SC21 = Framework(
     ffn_passes=2.0,  # fused bias + GeLU: read and write [b, s, f/tp]
     score_passes=4.0, score_mask_bytes=1.0,  # fused scale-mask-softmax 2, dropout 2 and its mask
     ops_per_layer=20,
-    # Megatron-LM as of the paper: 1F1B and interleaved 1F1B; sequence parallelism and the
-    # distributed optimizer came later (2022)
-    schedules=("1f1b", "interleaved"), sequence_parallel=False, distributed_optimizer=False)
+    # Megatron-LM as of the paper: 1F1B and interleaved 1F1B, full recomputation; selective
+    # recomputation, sequence parallelism and the distributed optimizer came later (2022)
+    schedules=("1f1b", "interleaved"), sequence_parallel=False, distributed_optimizer=False,
+    recompute=("none", "full"))
 
 FRAMEWORKS = {f.name: f for f in (TANDEM, MEGATRON_SC21)}
 

@@ -189,4 +189,12 @@ def layout_problems(layout: Layout, model, *, num_gpus: int, gpus_per_node: int,
         why.append(f"schedule {layout.schedule} needs pp > 1")
     if layout.distributed_optimizer and dp == 1:
         why.append("the distributed optimizer needs dp > 1")
+    for what, on, has in (("sequence parallelism", layout.sequence_parallel, framework.sequence_parallel),
+                          ("the distributed optimizer", layout.distributed_optimizer, framework.distributed_optimizer)):
+        if on and not has:
+            why.append(f"{framework.name} has no {what}")
+    if layout.recompute not in framework.recompute:
+        why.append(f"{framework.name} has no {layout.recompute} recomputation (it has {', '.join(framework.recompute)})")
+    if pp > 1 and layout.schedule not in framework.schedules:
+        why.append(f"{framework.name} has no {layout.schedule} schedule")
     return why

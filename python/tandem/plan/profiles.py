@@ -48,6 +48,8 @@ class DeviceProfile:
     """seconds added to every GEMM (launch, tail)"""
     attention_efficiency: float = 0.5
     """fraction of peak that fused (flash) attention reaches"""
+    attention_overhead: float = 0.0
+    """seconds added to every fused attention forward (the backward costs 2.5x)"""
     memory_efficiency: float = 0.8
     """fraction of memory_bw that elementwise kernels reach"""
     intra_node_efficiency: float = 0.8
@@ -58,6 +60,11 @@ class DeviceProfile:
     """seconds per elementwise kernel (launch) or per operator call on a CPU"""
     reserve_bytes: float = 3 * GiB
     """memory kept back: CUDA context, NCCL and cuBLAS buffers, allocator fragmentation"""
+    fused_gelu: bool = True
+    """GeLU runs in the GEMM's epilogue (cuBLASLt); False: a separate pass (CPU)"""
+    cores_per_node: int | None = None
+    """CPU profiles: cores the ranks of one host share (more ranks than cores slow each
+    other: host.py); None for GPUs"""
     gpus_per_node: int = 8
     """devices per node, the default of --gpus-per-node"""
     source: str = ""
@@ -75,7 +82,8 @@ class DeviceProfile:
             _positive(self.name, f"peak_flops[{dtype!r}]", value)
         for name in ("memory_bytes", "memory_bw", "intra_node_bw", "inter_node_bw", "gemm_half_dim"):
             _positive(self.name, name, getattr(self, name), allow_zero=name == "gemm_half_dim")
-        for name in ("intra_node_latency", "inter_node_latency", "gemm_overhead", "op_overhead", "reserve_bytes"):
+        for name in ("intra_node_latency", "inter_node_latency", "gemm_overhead", "op_overhead", "reserve_bytes",
+                     "attention_overhead"):
             _positive(self.name, name, getattr(self, name), allow_zero=True)
         for name in ("gemm_efficiency", "attention_efficiency", "memory_efficiency", "intra_node_efficiency",
                      "inter_node_efficiency"):
@@ -83,6 +91,12 @@ class DeviceProfile:
             _positive(self.name, name, value)
             if value > 1:
                 raise ValueError(f"DeviceProfile {self.name!r}: {name} is a fraction in (0, 1], got {value}")
+        if self.cores_per_node is not None and (isinstance(self.cores_per_node, bool) or
+                                                not isinstance(self.cores_per_node, int) or self.cores_per_node < 1):
+            raise ValueError(f"DeviceProfile {self.name!r}: cores_per_node must be None or an int >= 1, "
+                             f"got {self.cores_per_node!r}")
+        if not isinstance(self.fused_gelu, bool):
+            raise ValueError(f"DeviceProfile {self.name!r}: fused_gelu must be true or false, got {self.fused_gelu!r}")
         if isinstance(self.gpus_per_node, bool) or not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 1:
             raise ValueError(f"DeviceProfile {self.name!r}: gpus_per_node must be an int >= 1, "
                              f"got {self.gpus_per_node!r}")

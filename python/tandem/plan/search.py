@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from tandem.plan.estimate import Estimate, PlanError, estimate, memory_only
 from tandem.plan.framework import Framework, get_framework
-from tandem.plan.layout import RECOMPUTE, Layout, layout_problems
+from tandem.plan.layout import Layout, layout_problems
 from tandem.plan.model import ModelSpec, load_model
 from tandem.plan.profiles import DeviceProfile, load_profile
 from tandem.plan.step import simulated_counts
@@ -63,7 +63,7 @@ def candidate_layouts(model: ModelSpec, *, num_gpus: int, gpus_per_node: int, gl
                 for schedule, v in schedules:
                     if pp > 1 and schedule not in framework.schedules:
                         continue
-                    for recompute in RECOMPUTE:
+                    for recompute in framework.recompute:
                         for sp in ((False, True) if tp > 1 and framework.sequence_parallel else (False,)):
                             for dopt in ((False, True) if dp > 1 and framework.distributed_optimizer else (False,)):
                                 yield Layout(tp=tp, pp=pp, dp=dp, microbatch=mb, schedule=schedule,

@@ -86,7 +86,7 @@ def _attention(profile, framework, gemms, dtype: str) -> tuple[float, float]:
     core = [g for g in gemms if g.core]
     if framework.attention == "flash":
         rate = profile.peak(dtype) * profile.attention_efficiency
-        fwd = sum(g.flops for g in core) / 2 / rate + profile.op_overhead  # causal: half the scores
+        fwd = sum(g.flops for g in core) / 2 / rate + profile.attention_overhead  # causal: half the scores
         return fwd, 2.5 * fwd
     fwd = sum(gemm_time(profile, g.m, g.n, g.k, batch=g.batch, dtype=dtype) for g in core)
     bwd = sum(gemm_time(profile, g.m, g.k, g.n, batch=g.batch, dtype=dtype)
@@ -98,8 +98,9 @@ def _elementwise(profile, framework, model, *, s, b, tp, sp, e) -> float:
     """Forward seconds of one block's memory-bound kernels."""
     h, f, a = model.hidden_size, model.ffn_hidden_size, model.num_heads
     rep = s * b * h / (tp if sp else 1)
+    ffn_passes = framework.ffn_passes + (0.0 if profile.fused_gelu or framework.ffn_passes else 2.0)
     nbytes = (e * (framework.replicated_passes * rep + framework.tp_passes * s * b * h / tp
-                   + framework.ffn_passes * s * b * f / tp + framework.score_passes * a * s * s * b / tp)
+                   + ffn_passes * s * b * f / tp + framework.score_passes * a * s * s * b / tp)
               + framework.mask_bytes * rep + framework.score_mask_bytes * a * s * s * b / tp)
     return memory_time(profile, nbytes, kernels=framework.ops_per_layer)
 
