@@ -117,7 +117,8 @@ def test_resume_tp2_pp2_is_bitwise_and_moves_to_another_layout(tmp_path, text, c
          "was written by another run: model hidden_size 32 (checkpoint) vs 64"),
         (["--resume", str(a), "--lr", "1e-3"], "learning rate lr 0.003 (checkpoint) vs 0.001"),
         (["--resume", str(a), "--batch-size", "2"], "data samples_per_step 8 (checkpoint) vs 4"),
-        (["--resume", str(a), "--precision", "bf16"], "optimizer state 'torch.optim.AdamW' (checkpoint) vs"),
+        (["--resume", str(a), "--precision", "bf16", "--grad-accum", "1", "--batch-size", "8"],
+         "optimizer state 'torch.optim.AdamW' (checkpoint) vs 'tandem.optim (fp32 masters)'"),
         (["--resume", str(c / "checkpoints" / "step-00000030.partial")], "is not a complete tandem checkpoint"),
         (["--resume", str(tmp_path / "nothing")], "no checkpoint at"),
     ]
