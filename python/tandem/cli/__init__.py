@@ -1,4 +1,4 @@
-"""The `tandem` command: train, generate, bench, plan, info (also `python -m tandem`)."""
+"""The `tandem` command: train, prepare-data, generate, bench, plan, info (also `python -m tandem`)."""
 
 import argparse
 import os
@@ -15,12 +15,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from tandem.cli import bench, generate, info, plan, train
+    from tandem.cli import bench, generate, info, plan, prepare_data, train
 
     p = _Parser(prog="tandem", description="Tensor x pipeline x data parallel training "
                                 "and inference of transformer models.")
     sub = p.add_subparsers(dest="command", required=True)
-    for mod in (train, generate, bench, plan, info):
+    for mod in (train, prepare_data, generate, bench, plan, info):
         mod.add_parser(sub)
     return p
 

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from typing import Optional
 
 __all__ = ["UsageError", "fail", "under_launcher", "relaunch", "is_rank0", "finish"]
 
@@ -24,15 +25,20 @@ def is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def relaunch(nproc: int, argv: list) -> int:
+def relaunch(nproc: int, argv: list, *, max_restarts: int = 0, env: Optional[dict] = None) -> int:
     """Run ``python -m tandem ARGV`` on ``nproc`` local processes with torch's launcher.
 
-    The launcher watches the workers: when one dies, it stops the others.
+    The launcher watches the workers: when one dies, it stops the others, and with
+    ``max_restarts`` > 0 starts them all again (up to that many times). ``env``: more
+    environment variables for the workers.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "--tee=0", "-m", "tandem", *argv]
+           f"--max-restarts={max_restarts}", "--tee=0", "-m", "tandem", *argv]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", **(env or {}))
+    # restarted workers must not share the launcher's store with the workers they replace:
+    # they would read the dead ones' addresses (pytorch/pytorch#135712)
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:

@@ -21,7 +21,8 @@ def add_parser(sub):
     src.add_argument("--model", help="a Hugging Face model directory (config.json, safetensors, tokenizer.json)")
     src.add_argument("--checkpoint", help="a checkpoint directory written by `tandem train`")
     p.add_argument("--prompt", action="append", default=None,
-                   help="text (with --model; repeat for a batch), or space-separated token ids (with --checkpoint)")
+                   help="text (repeat for a batch) with --model or a checkpoint of a model trained on a token file; "
+                   "space-separated token ids with a checkpoint of the synthetic task")
     p.add_argument("--prompt-ids", action="append", default=None, help='space-separated token ids, e.g. "1 450 7483"')
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
@@ -72,19 +73,36 @@ def _source(args):
         raise common.UsageError(str(e))
     if "config" not in extra:
         raise common.UsageError(f"{args.checkpoint}: not written by `tandem train` (no model config)")
-    return GPTConfig(**extra["config"]), None
+    return GPTConfig(**extra["config"]), _trained_tokenizer(extra.get("tokenizer"))
+
+
+def _trained_tokenizer(spec):
+    """The tokenizer of the data a `tandem train` checkpoint learned (from the token file's
+    side file): bytes, a Hugging Face directory, or None (token ids: the synthetic task)."""
+    if spec == "bytes":
+        from tandem.hf.tokenizer import ByteTokenizer
+
+        return ByteTokenizer()
+    if isinstance(spec, dict) and spec.get("type") == "huggingface":
+        from tandem.hf.tokenizer import Tokenizer
+
+        try:
+            return Tokenizer.from_dir(spec["path"])
+        except (FileNotFoundError, ValueError) as e:
+            raise common.UsageError(f"the checkpoint's tokenizer: {e}")
+    return None
 
 
 def validate(args):
     """-> (cfg, prompts as lists of ids, tokenizer or None), or UsageError."""
     cfg, tok = _source(args)
     if not (args.prompt or args.prompt_ids):
-        raise common.UsageError("give --prompt (text with --model, token ids with --checkpoint) or --prompt-ids")
+        raise common.UsageError("give --prompt (text, or token ids for the synthetic task) or --prompt-ids")
     if args.prompt and args.prompt_ids:
         raise common.UsageError("give --prompt or --prompt-ids, not both")
     if args.prompt_ids:
         prompts = [_ids(p, "--prompt-ids") for p in args.prompt_ids]
-    elif tok is None:  # a `tandem train` checkpoint: its vocabulary is integers
+    elif tok is None:  # a `tandem train` checkpoint of the synthetic task: its vocabulary is integers
         prompts = [_ids(p, "--prompt") for p in args.prompt]
     else:
         prompts = [tok.encode(p) for p in args.prompt]

@@ -61,18 +61,27 @@ def text_timeline(rows: list, width: int = 72) -> str:
     return "\n".join(lines)
 
 
-def _plot_loss(history: list, chance: float, floor: float, path: str) -> None:
+def _plot_loss(report, chance: float, floor, unigram, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="loss")
+    history = report.records
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="training loss")
+    if report.evals:
+        ax.plot([e["step"] for e in report.evals], [e["val_loss"] for e in report.evals], "o-",
+                label="validation loss")
     ax.axhline(chance, color="gray", linestyle="--", label=f"chance (ln V = {chance:.2f})")
-    ax.axhline(floor, color="green", linestyle=":", label=f"best possible ({floor:.2f})")
+    if floor is not None:
+        ax.axhline(floor, color="green", linestyle=":", label=f"best possible ({floor:.2f})")
+    if unigram is not None:
+        ax.axhline(unigram, color="red", linestyle=":", label=f"unigram entropy ({unigram:.2f})")
+    for r in report.resumes:
+        ax.axvline(r["step"], color="black", linewidth=0.5, alpha=0.5)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross entropy")
+    ax.set_ylabel("cross entropy (nats)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -83,34 +92,48 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
-def write_outputs(args, cfg, mesh, history, timeline, elapsed, tokens_per_step, reference, memory=None,
+def write_outputs(args, cfg, mesh, report, timeline, elapsed, steps_run, reference, memory=None,
                   optimizer="") -> None:
     from tandem.pipeline import chrome_trace, render
 
     rows = _gather_timeline(mesh, timeline)
+    memory = report.memory_per_rank()
     if mesh.rank != 0:
         return
     out = args.out
+    history = report.records
     chance = data.chance_loss(cfg.vocab_size)
-    floor = data.floor_loss(cfg.vocab_size, cfg.max_seq_len)
+    synthetic = args.data == "synthetic"
+    floor = data.floor_loss(cfg.vocab_size, cfg.max_seq_len) if synthetic else None
     metrics = {
         "parallel": {"tp": mesh.tp, "pp": mesh.pp, "dp": mesh.dp, "schedule": args.schedule if mesh.pp > 1 else None,
-                     "microbatches": args.microbatches, "device": mesh.device.type},
+                     "microbatches": args.microbatches, "grad_accum": args.grad_accum, "device": mesh.device.type},
         "training": {"precision": args.precision, "recompute": cfg.recompute, "zero1": args.zero1,
                      "clip_grad": args.clip_grad, "weight_decay": args.weight_decay, "optimizer": optimizer,
                      "skipped_steps": sum(not h.get("stepped", True) for h in history),
                      "memory_rank0_bytes": memory},
         "model": cfg.__dict__,
+        "data": {"train": args.data, "val": args.val_data or (f"last {args.val_fraction} of --data"
+                                                              if args.val_fraction is not None else None)},
+        "lr_schedule": report_schedule(args),
         "steps": history,
+        "eval": report.evals,
+        "resumes": report.resumes,
         "first_loss": history[0]["loss"],
         "final_loss": history[-1]["loss"],
         "chance_loss": chance,
         "floor_loss": floor,
+        "unigram_entropy": report.unigram,
+        "model_flops_per_step": report.flops_per_step,
+        "peak_tflops_per_device": report.peak,
+        "memory": {"ranks": memory, "peak_bytes": max(m["peak"] for m in memory)},
         "elapsed_s": elapsed,
-        "tokens_per_s": tokens_per_step * len(history) / elapsed,
+        "tokens_per_s": report.tokens_per_step * steps_run / elapsed if steps_run else None,
     }
+    if report.evals:
+        metrics["final_val_loss"] = report.evals[-1]["val_loss"]
     if reference is not None:
-        diffs = [abs(a["loss"] - b) for a, b in zip(history, reference)]
+        diffs = [abs(h["loss"] - reference[h["step"]]) for h in history]
         metrics["check"] = {"reference_losses": reference, "max_loss_diff": max(diffs)}
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
@@ -119,12 +142,18 @@ def write_outputs(args, cfg, mesh, history, timeline, elapsed, tokens_per_step, 
     render(_last_step(rows), os.path.join(out, "schedule.png"),
            title=f"measured: tp={mesh.tp} pp={mesh.pp} dp={mesh.dp}"
            + (f" {args.schedule}, m={args.microbatches}" if mesh.pp > 1 else "") + " (last step)")
-    _plot_loss(history, chance, floor, os.path.join(out, "loss.png"))
+    _plot_loss(report, chance, floor, report.unigram, os.path.join(out, "loss.png"))
     last = _last_step(rows)
     print(f"schedule of the last step, measured (picture: {out}/schedule.png):")
     print(text_timeline(last))
-    print(f"loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f} (chance {chance:.3f}, best possible "
-          f"{floor:.3f}) in {len(history)} steps, {elapsed:.1f} s, {metrics['tokens_per_s']:,.0f} tokens/s")
+    rate = f", {metrics['tokens_per_s']:,.0f} tokens/s" if steps_run else ""
+    bound = f"best possible {floor:.3f}" if floor is not None else f"unigram entropy {report.unigram:.3f}"
+    print(f"loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f} (chance {chance:.3f}, {bound}) in "
+          f"{len(history)} steps, {elapsed:.1f} s{rate}")
+    if report.evals:
+        ev = report.evals[-1]
+        vs = f" vs unigram entropy {report.unigram:.4f}" if report.unigram is not None else ""
+        print(f"validation loss {ev['val_loss']:.4f}{vs} after {ev['step'] + 1} steps")
     if memory is not None:
         print(f"memory of rank 0 ({args.precision}{', zero1' if args.zero1 else ''}): parameters "
               f"{_mib(memory['parameters'])}, gradients {_mib(memory['gradients'])}, fp32 masters "
@@ -136,4 +165,11 @@ def write_outputs(args, cfg, mesh, history, timeline, elapsed, tokens_per_step, 
         print(f"check: largest loss difference to the tp=pp=dp=1 reference over {len(history)} steps: "
               f"{metrics['check']['max_loss_diff']:.2e}"
               + (f" ({args.precision} against fp32)" if args.precision != "fp32" else ""))
-    print(f"wrote {out}/: metrics.json, checkpoint/, timeline.json, schedule.png, loss.png")
+    print(f"wrote {out}/: metrics.json, metrics.jsonl, checkpoint/ (-> checkpoints/step-{args.steps:08d}), "
+          "timeline.json, schedule.png, loss.png")
+
+
+def report_schedule(args) -> dict:
+    from tandem.cli.train_options import schedule
+
+    return schedule(args).state_dict()

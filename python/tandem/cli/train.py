@@ -8,32 +8,39 @@ stderr and exit code 2.
 import json
 import os
 
-from tandem.cli import common
+from tandem.cli import common, train_options
 
 SCHEDULES = {"gpipe": "GPipe", "1f1b": "OneFOneB", "interleaved": "Interleaved1F1B", "zb-h1": "ZeroBubbleH1"}
 MODELS = {
     "tiny": dict(vocab_size=64, max_seq_len=32, num_layers=4, hidden_size=64, num_heads=4, ffn_hidden_size=256),
     "small": dict(vocab_size=256, max_seq_len=128, num_layers=8, hidden_size=256, num_heads=8,
                   ffn_hidden_size=1024),
+    # byte-level Llama-class (RMSNorm, RoPE, SwiGLU, GQA): the demo's model of real text
+    "byte-llama": dict(vocab_size=256, max_seq_len=256, num_layers=4, hidden_size=128, num_heads=4, num_kv_heads=2,
+                       ffn_hidden_size=352, norm="rmsnorm", position="rope", activation="swiglu", bias=False),
 }
 
 
 def add_parser(sub):
-    p = sub.add_parser("train", help="train a GPT under TP x PP x DP on a synthetic task")
+    p = sub.add_parser("train", help="train a GPT under TP x PP x DP on token files (or a synthetic task)",
+                       description="Train tandem's GPT under TP x PP x DP on a token file (see `tandem "
+                       "prepare-data`) or the synthetic task; checkpoints, resume and restarts for long jobs.")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: nproc / (tp*pp))")
     p.add_argument("--nproc", type=int, default=None, help="processes to launch (default: tp*pp*dp)")
     p.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES), help="pipeline schedule")
     p.add_argument("--microbatches", type=int, default=None, help="microbatches per step (default: 2*pp)")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per step per dp replica")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--model", default="tiny", help="tiny, small, or a GPTConfig as JSON (a file or a string)")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps of the whole run (default 150)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per dp replica per forward/backward pass "
+                   "(a step makes --grad-accum of them; default 16)")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW's peak learning rate (default 3e-3)")
+    p.add_argument("--model", default="tiny", help="tiny, small, byte-llama, or a GPTConfig as JSON (a file or a "
+                   "string)")
     p.add_argument("--init-from", default=None, metavar="HF_DIR",
                    help="start from a Hugging Face model's weights and config (Llama, Mistral, Qwen2, GPT-2); "
                    "each rank reads only its shards")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initial weights and the data order (default 0)")
     p.add_argument("--out", default="runs/train", help="output directory")
     p.add_argument("--check", action="store_true", help="also train the tp=pp=dp=1 reference on the same data "
                    "and report the largest loss difference")
@@ -50,6 +57,7 @@ def add_parser(sub):
                    "to this; 0 disables")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the linear layers' "
                    "weights (norms, biases and embeddings take none)")
+    train_options.add_options(p)
     p.set_defaults(run=run)
 
 
@@ -138,6 +146,7 @@ def validate(args):
         if units < schedule.num_stages:
             raise common.UsageError(f"the model has {units} layers (embedding + {cfg.num_layers} blocks + head), "
                                     f"fewer than the {schedule.num_stages} pipeline stages of {args.schedule}")
+    train_options.validate_job(args, cfg, dp)
     return cfg, tp, pp, dp, world
 
 
@@ -146,8 +155,9 @@ def run(args) -> int:
         cfg, tp, pp, dp, world = validate(args)
     except common.UsageError as e:
         common.fail(str(e))
-    if world > 1 and not common.under_launcher():
-        return common.relaunch(world, args.argv)
+    if (world > 1 or args.max_restarts) and not common.under_launcher():
+        return common.relaunch(world, args.argv, max_restarts=args.max_restarts,
+                               env={train_options.VALIDATED_ENV: "1"})
     from tandem.cli.train_loop import train
 
     return train(args, cfg, tp, pp, dp)

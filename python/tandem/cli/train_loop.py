@@ -1,11 +1,10 @@
 """The training loop of `tandem train`, run on every rank."""
 
-import os
 import time
 
 import torch
 
-from tandem.cli import common, data
+from tandem.cli import common
 
 
 def _optimizer(args, mesh, modules):
@@ -23,7 +22,7 @@ def _optimizer(args, mesh, modules):
 
 def _build(args, cfg, mesh):
     """(full model, this rank's trainable modules, optimizer, step(inputs, targets) -> global
-    loss with gradients averaged over dp, timeline() -> records)."""
+    loss with gradients averaged over dp, timeline() -> records, the PipelineRunner or None)."""
     from tandem.dp import all_reduce_grads
     from tandem.models import GPT
     from tandem.optim import MixedPrecisionOptimizer, precision_dtype
@@ -35,7 +34,7 @@ def _build(args, cfg, mesh):
 
         stages, opt, step, runner = build_pipeline(args, cfg, mesh, model,
                                                    lambda modules: _optimizer(args, mesh, modules))
-        return model, stages, opt, step, runner.resolve_timeline
+        return model, stages, opt, step, runner.resolve_timeline, runner
     opt = _optimizer(args, mesh, [model])
     tandem_opt = isinstance(opt, MixedPrecisionOptimizer)
     records = []
@@ -48,6 +47,7 @@ def _build(args, cfg, mesh):
         t2 = time.perf_counter()
         records.append(("F", t0, t1))
         records.append(("B", t1, t2))
+        del records[:-2 * args.grad_accum]  # the last step's (a picture of every step is unreadable)
         if not tandem_opt:  # a tandem optimizer reduces its buckets over dp itself
             all_reduce_grads(model.parameters(), mesh)  # average over dp
         loss = loss.detach().float()
@@ -56,7 +56,7 @@ def _build(args, cfg, mesh):
             loss /= mesh.dp
         return loss
 
-    return model, model, opt, step, lambda: records
+    return model, model, opt, step, lambda: records, None
 
 
 def repr_optimizer(opt) -> str:
@@ -74,11 +74,11 @@ def _from_hf(args, mesh):
     return tandem.hf.load_model(args.init_from, mesh, dtype=torch.float32, whole=whole)
 
 
-def _reference_losses(args, cfg, dp: int) -> list:
-    """Loss per step of the tp=pp=dp=1 model on the same data (all dp shards in one batch)."""
+def _reference_losses(args, cfg, job) -> list:
+    """Loss per step of the tp=pp=dp=1 model on the same data (all dp shards in one batch),
+    with the same learning-rate schedule, accumulation, weight decay and clipping."""
     from tandem.mesh import Mesh
     from tandem.models import GPT
-
     from tandem.optim import weight_decay_groups
 
     torch.manual_seed(args.seed)
@@ -86,18 +86,40 @@ def _reference_losses(args, cfg, dp: int) -> list:
     opt = torch.optim.AdamW([g for g in weight_decay_groups(model, args.weight_decay) if g["params"]], lr=args.lr)
     losses = []
     for step in range(args.steps):
-        parts = [data.batch(step, args.batch_size, cfg.max_seq_len, cfg.vocab_size, seed=args.seed, shard=r)
-                 for r in range(dp)]
-        inputs = torch.cat([p[0] for p in parts])
-        targets = torch.cat([p[1] for p in parts])
-        loss = model(inputs, targets)
-        loss.backward()
+        job.schedule.apply(opt, step)
+        total = 0.0
+        for micro in range(job.accum):
+            inputs, targets = job.reference_batch(step, micro)
+            loss = model(inputs, targets)
+            loss.backward()
+            total += loss.item()
+        _average_accumulated(model.parameters(), job.accum)
         if args.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         opt.step()
         opt.zero_grad()
-        losses.append(loss.item())
+        losses.append(total / job.accum)
     return losses
+
+
+def _average_accumulated(params, accum: int) -> None:
+    """Gradients summed over ``accum`` micro-steps -> their mean."""
+    if accum > 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(accum)
+
+
+def _micro_steps(job, step_fn, meter, mesh, step: int, params) -> float:
+    """Forward and backward of every micro-step of ``step``; returns the mean loss."""
+    total = 0.0
+    for micro in range(job.accum):
+        inputs, targets = job.batch(step, micro)
+        with meter.measure():  # the saved activations' peak
+            loss = step_fn(inputs.to(mesh.device), targets.to(mesh.device))
+        total += loss.item()
+    _average_accumulated(params, job.accum)
+    return total / job.accum
 
 
 def _optimizer_step(args, opt, target, mesh) -> tuple:
@@ -137,57 +159,62 @@ def _memory(opt, params) -> dict:
     return out
 
 
+def _unigram(job):
+    from tandem import data
+
+    tokens = job.val_data if job.val_data is not None else job.train_data
+    return None if tokens is None else data.unigram_entropy(tokens)
+
+
 def train(args, cfg, tp: int, pp: int, dp: int) -> int:
     import tandem
+    from tandem.cli.train_eval import evaluator
+    from tandem.cli.train_job import Job
+    from tandem.cli.train_report import Reporter
 
     mesh = tandem.init_mesh(tp=tp, pp=pp, dp=dp, timeout=args.timeout)
     rank0 = mesh.rank == 0
     if rank0:
         print(mesh.describe(), flush=True)
-    model, module, opt, step_fn, timeline = _build(args, cfg, mesh)
+    model, module, opt, step_fn, timeline, runner = _build(args, cfg, mesh)
     params = [p for p in module.parameters() if p.requires_grad]
-    tokens_per_step = args.batch_size * cfg.max_seq_len * dp
-    history = []
-    bar = None
-    if rank0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=args.steps, desc="train", unit="step", dynamic_ncols=True)
-    start = time.perf_counter()
-    for step in range(args.steps):
+    job = Job(args, cfg, mesh, model, params, opt)
+    start, resumed_from = job.start()
+    report = Reporter(args, cfg, mesh, params, opt, unigram_entropy=_unigram(job) if rank0 else None)
+    report.begin(start, resumed_from)
+    evaluate = evaluator(cfg, mesh, model, runner) if args.eval_every else None
+    eval_batches = job.eval_batches() if evaluate is not None else None
+    began, records, memory = time.perf_counter(), [], None
+    for step in range(start, args.steps):
         t0 = time.perf_counter()
-        inputs, targets = data.batch(step, args.batch_size, cfg.max_seq_len, cfg.vocab_size, seed=args.seed,
-                                     shard=mesh.dp_rank)
-        loss = step_fn(inputs.to(mesh.device), targets.to(mesh.device))
+        lr = job.before_step(step)
+        loss = _micro_steps(job, step_fn, report.meter, mesh, step, params)
         norm, stepped = _optimizer_step(args, opt, module, mesh)
-        if step == 0:
+        if memory is None:
             memory = _memory(opt, params)
+        # before zero_grad: the gradients count in the memory
+        report.step(step, loss, lr, time.perf_counter() - t0, grad_norm=norm,
+                    more={"stepped": stepped, "loss_scale": getattr(opt, "loss_scale", 1.0)})
+        if not stepped:
+            report.note(f"step {step}: skipped, gradient norm {norm} (inf/nan gradients)"
+                        + (f"; loss scale now {opt.loss_scale:g}" if getattr(opt, "scaler", None) is not None else ""))
         opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        history.append({"step": step, "loss": loss.item(), "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                        "grad_norm": norm, "stepped": stepped, "loss_scale": getattr(opt, "loss_scale", 1.0)})
-        if not stepped and rank0:
-            (bar.write if bar is not None else print)(
-                f"step {step}: skipped, gradient norm {norm} (inf/nan gradients)"
-                + (f"; loss scale now {opt.loss_scale:g}" if getattr(opt, "scaler", None) is not None else ""))
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", step_ms=f"{dt * 1e3:.0f}")
-            bar.update()
-    elapsed = time.perf_counter() - start
-    if bar is not None:
-        bar.close()
-    os.makedirs(args.out, exist_ok=True)
-    from tandem import checkpoint
-
-    # the full model's names; each rank writes the parameters its stage trains
-    from tandem.optim import MixedPrecisionOptimizer
-
-    checkpoint.save(model, os.path.join(args.out, "checkpoint"), params=params,
-                    extra={"config": cfg.__dict__, "tp": tp, "pp": pp, "dp": dp, "precision": args.precision},
-                    optimizer=opt if isinstance(opt, MixedPrecisionOptimizer) else None)
+        done = step + 1
+        if done == args.steps:
+            records = timeline()  # the last training step's, before an evaluation's forward passes
+        if args.save_every and done % args.save_every == 0:
+            job.save(done)
+        if evaluate is not None and (done % args.eval_every == 0 or done == args.steps):
+            report.eval(step, evaluate(eval_batches))
+    elapsed = time.perf_counter() - began
+    report.close()
+    if job.saved_step != args.steps:
+        job.save(args.steps)
+    if rank0:
+        job.link_final(args.steps)
     from tandem.cli.outputs import write_outputs
 
-    write_outputs(args, cfg, mesh, history, timeline(), elapsed, tokens_per_step,
-                  _reference_losses(args, cfg, dp) if (args.check and rank0) else None, memory, repr_optimizer(opt))
+    write_outputs(args, cfg, mesh, report, records, elapsed, args.steps - start,
+                  _reference_losses(args, cfg, job) if (args.check and rank0) else None, memory, repr_optimizer(opt))
     common.finish()
     return 0
