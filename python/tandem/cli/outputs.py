@@ -97,7 +97,7 @@ def write_outputs(args, cfg, mesh, report, timeline, elapsed, steps_run, referen
     from tandem.pipeline import chrome_trace, render
 
     rows = _gather_timeline(mesh, timeline)
-    memory = report.memory_per_rank()
+    per_rank = report.memory_per_rank()
     if mesh.rank != 0:
         return
     out = args.out
@@ -126,7 +126,7 @@ def write_outputs(args, cfg, mesh, report, timeline, elapsed, steps_run, referen
         "unigram_entropy": report.unigram,
         "model_flops_per_step": report.flops_per_step,
         "peak_tflops_per_device": report.peak,
-        "memory": {"ranks": memory, "peak_bytes": max(m["peak"] for m in memory)},
+        "memory": {"ranks": per_rank, "peak_bytes": max(m["peak"] for m in per_rank)},
         "elapsed_s": elapsed,
         "tokens_per_s": report.tokens_per_step * steps_run / elapsed if steps_run else None,
     }
