@@ -116,8 +116,9 @@ def command(est: Estimate) -> tuple[str, list[str]]:
     fields = est.model.gpt_config_fields(est.seq_len)
     notes = []
     if fields is None:
-        notes.append(f"tandem train builds tandem's GPT (GeLU MLP, LayerNorm, learned positions): it cannot yet "
-                     f"train {est.model.name}'s SwiGLU/RMSNorm/RoPE blocks")
+        notes.append(f"write {est.model.name}'s GPTConfig (norm=\"rmsnorm\", position=\"rope\", "
+                     f"activation=\"swiglu\", ...) to MODEL.json, or start from its Hugging Face directory "
+                     f"with --init-from")
         model = "MODEL.json"
     else:
         if lay.sequence_parallel:
@@ -126,18 +127,17 @@ def command(est: Estimate) -> tuple[str, list[str]]:
         model = "'" + json.dumps(fields, separators=(",", ":")) + "'"
     cmd = (f"{launcher} -m tandem train --tp {lay.tp} --pp {lay.pp} --dp {lay.dp} --schedule {schedule} "
            f"--microbatches {est.num_microbatches} --batch-size {est.global_batch // lay.dp} --model {model}")
+    if est.precision != "fp32":
+        cmd += f" --precision {est.precision}"
+    if lay.recompute != "none":
+        cmd += f" --recompute {lay.recompute}"
+    if lay.distributed_optimizer:
+        cmd += " --zero1"
     if lay.pp == 1 and est.num_microbatches > 1:
         notes.append("tandem train without a pipeline runs the replica's whole batch at once (no gradient "
                      "accumulation over microbatches)")
     if lay.schedule == "interleaved" and lay.virtual_stages != 2:
         notes.append(f"tandem train interleaves v=2 chunks per rank (the plan has v={lay.virtual_stages})")
-    if lay.recompute != "none":
-        notes.append(f"activation recomputation is not in tandem train yet (the plan's memory assumes "
-                     f"{lay.recompute})")
-    if lay.distributed_optimizer:
-        notes.append("tandem train has no distributed optimizer yet (the plan shards optimizer states over dp)")
-    if est.precision != "fp32":
-        notes.append(f"tandem train trains in fp32 (the plan is for {est.precision} with fp32 master weights)")
     return cmd, notes
 
 
