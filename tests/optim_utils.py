@@ -106,8 +106,25 @@ def local_part(full: torch.Tensor, param, mesh) -> torch.Tensor:
     return full.narrow(dim, mesh.tp_rank * n, n)
 
 
+_twins: dict = {}
+
+
+def _twin_key(cfg, *args) -> tuple:
+    """What the twin depends on: neither sequence parallelism nor recomputation changes it."""
+    import dataclasses
+
+    return (repr(dataclasses.replace(cfg, sequence_parallel=False, recompute="none")), *args)
+
+
 def twin_grads(cfg, max_norm=None, *, norm_type=2.0):
     """(norm before clipping or None, {name: gradient after clipping}) of the twin on the whole batch."""
+    key = _twin_key(cfg, "grads", max_norm, norm_type)
+    if key not in _twins:
+        _twins[key] = _twin_grads(cfg, max_norm, norm_type)
+    return _twins[key]
+
+
+def _twin_grads(cfg, max_norm, norm_type):
     import tandem
 
     m = model(cfg, tandem.Mesh.single())
@@ -119,6 +136,13 @@ def twin_grads(cfg, max_norm=None, *, norm_type=2.0):
 
 def twin_adamw(cfg, steps, *, lr, weight_decay, max_norm):
     """The twin's weights after ``steps`` AdamW steps (decay on weights only, clipped), and its losses."""
+    key = _twin_key(cfg, "adamw", steps, lr, weight_decay, max_norm)
+    if key not in _twins:
+        _twins[key] = _twin_adamw(cfg, steps, lr, weight_decay, max_norm)
+    return _twins[key]
+
+
+def _twin_adamw(cfg, steps, lr, weight_decay, max_norm):
     import tandem
     from tandem.optim import weight_decay_groups
 

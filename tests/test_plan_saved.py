@@ -18,8 +18,8 @@ def _measure(mesh, sp: bool) -> int:
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(**CFG, sequence_parallel=sp), mesh=mesh)
-    ids = torch.randint(0, CFG["vocab_size"], (BATCH, CFG["max_seq_len"]))
-    nbytes, loss = saved_activation_bytes(lambda: model(ids, ids), exclude=list(model.parameters()))
+    ids, targets = torch.randint(0, CFG["vocab_size"], (2, BATCH, CFG["max_seq_len"]))
+    nbytes, loss = saved_activation_bytes(lambda: model(ids, targets), exclude=list(model.parameters()))
     loss.backward()  # the graph the bytes belong to runs
     return nbytes
 

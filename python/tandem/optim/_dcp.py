@@ -133,6 +133,8 @@ def optimizer_state_dict(opt, names: dict) -> dict:
         states = [opt.inner.state.get(pc.master, {}) for pc in pieces]
         for key in states[0]:
             values = [st[key] for st in states]
+            if values[0] is None:  # e.g. SGD's momentum buffer before its first use
+                continue
             if isinstance(values[0], Tensor) and values[0].dim() == 1 and values[0].numel() == pieces[0].numel:
                 sd[f"optim.state.{name}.{key}"] = _view(list(zip(pieces, values)), param, opt.mesh)
             else:

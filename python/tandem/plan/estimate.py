@@ -294,4 +294,5 @@ def estimate(model, layout, profile, *, global_batch: int, seq_len: int, precisi
     return Estimate(model=model, layout=layout, profile=profile, framework=framework, global_batch=global_batch,
                     seq_len=seq_len, precision=precision, gpus_per_node=gpus_per_node, num_microbatches=m,
                     memory=tuple(memory), stages=tuple(stages), p2p_time=p2p, pipeline=sim, pipeline_no_comm=quiet,
-                    dp_exposed=max(0.0, after_dp - sim.makespan), dp_total=dp_total, optimizer_time=max(opt) + gather, step_time=step)
+                    dp_exposed=max(0.0, after_dp - sim.makespan), dp_total=dp_total,
+                    optimizer_time=max(opt) + gather, step_time=step, slowdown=slowdown)

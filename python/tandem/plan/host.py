@@ -1,12 +1,14 @@
-"""Ranks that share a host's CPU cores: processor sharing, as a mean field.
+"""Ranks that share a host's CPU cores: processor sharing, seen by the work.
 
 On a CPU profile with more ranks per host than cores (``cores_per_node``), the ranks that
 compute at the same time share the cores: with c of them running on k cores, each runs at
-k/c of a core. The planner does not know at each instant how many run, so it uses the
-mean: c = (rank-seconds of compute in the step) / (step time), found as a fixed point. It
-simulates the pipeline with every action's compute stretched by s = max(1, c/k)
-(communication is waiting and is not stretched), recounts c from the simulated step, and
-repeats until s settles. GPUs (one per rank) are never shared: s = 1.
+k/c of a core. How many run at once comes from the simulated step itself: n(t) pipeline
+ranks compute at time t, each standing for tp x dp processes, and the work sees the
+work-weighted mean c = tp dp (integral of n(t)^2 dt) / (integral of n(t) dt) (work done
+when many compute is slowed the most). Every action's compute is stretched by
+s = max(1, c/k) (communication is waiting and is not stretched); the pipeline is simulated
+again with the stretched costs, c recounted, until s settles. GPUs (one per rank) are never
+shared: s = 1.
 """
 
 from __future__ import annotations
@@ -33,16 +35,31 @@ def stretched_costs(stages, p2p: float, s: float) -> dict[int, Costs]:
     return out
 
 
+def _work_concurrency(result) -> float:
+    """Integral of n(t)^2 over integral of n(t): n(t) pipeline ranks computing at time t."""
+    events = []
+    for rec in result.timeline:
+        if rec.kind.is_compute and rec.end_s > rec.start_s:
+            events += [(rec.start_s, 1), (rec.end_s, -1)]
+    events.sort()
+    n, last, square, linear = 0, None, 0.0, 0.0
+    for t, delta in events:
+        if last is not None and n:
+            square += n * n * (t - last)
+            linear += n * (t - last)
+        n, last = n + delta, t
+    return square / linear if linear else 1.0
+
+
 def sharing_slowdown(layout, m: int, stages, p2p: float, cores: int, ranks: int, simulate_step,
                      iterations: int = 8):
-    """(s, the simulated step at s): the fixed point of the mean-field model above."""
-    per_rank = sum(a.total - a.tp_comm for st in stages for a in (st.F, st.B, st.W))  # one microbatch, all stages
-    busy = m * per_rank * layout.tp * layout.dp  # rank-seconds of compute at s = 1, every stage's tp x dp ranks
+    """(s, the simulated step at s): the fixed point of the model above."""
+    per_pipeline_rank = layout.tp * layout.dp
     s, sim = 1.0, None
     for _ in range(iterations):
         sim = simulate_step(layout, m, stretched_costs(stages, p2p, s))
-        running = busy * s / sim.makespan
-        target = max(1.0, min(running, ranks) / cores)
+        running = min(_work_concurrency(sim.result) * per_pipeline_rank, ranks)
+        target = max(1.0, running / cores)
         if abs(target - s) <= 1e-3 * s:
             s = target
             break

@@ -37,6 +37,14 @@ def format_table(plan) -> str:
     return "\n".join(rows)
 
 
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e12:.2f} TB" if nbytes >= 1e12 else f"{nbytes / GB:.0f} GB"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "es" if word.endswith("h") else "s")
+
+
 def _static_bytes(est: Estimate) -> float:
     return est.model.num_params() * sum(BYTES_PER_PARAM[est.precision])
 
@@ -58,7 +66,7 @@ def reasons(plan) -> list[str]:
     per_gpu_no_pp = static / lay.tp
     b = sum(BYTES_PER_PARAM[best.precision])
     size = f"weights, gradients and optimizer states of a {best.model.num_params() / 1e9:.1f}B-parameter model " \
-           f"need {static / 1e12:.2f} TB ({b} bytes per parameter)"
+           f"need {_size(static)} ({b} bytes per parameter)"
     if lay.pp > 1 and per_gpu_no_pp > cap:
         out.append(f"pp={lay.pp} because {size}: {per_gpu_no_pp / GB:.0f} GB per GPU with tp={lay.tp} alone, "
                    f"{cap / GB:.0f} GB on a {plan.profile.name}")
@@ -75,7 +83,7 @@ def reasons(plan) -> list[str]:
                "zb-h1": "ZB-H1 fills the bubble with deferred weight-gradient work",
                "1f1b": "1F1B keeps at most pp microbatches in flight",
                "gpipe": "GPipe"}[lay.schedule]
-        out.append(f"{best.num_microbatches} microbatches of {lay.microbatch} per step: the bubble is "
+        out.append(f"{_plural(best.num_microbatches, 'microbatch')} of {lay.microbatch} per step: the bubble is "
                    f"{best.bubble:.1%} of the step ({how})")
     if lay.recompute != "none":
         plain = memory_only(best.model, lay.with_(recompute="none"), best.profile, global_batch=best.global_batch,
@@ -84,7 +92,7 @@ def reasons(plan) -> list[str]:
         out.append(f"{lay.recompute} recomputation: without it the most loaded GPU would need {need / GB:.0f} GB")
     else:
         worst = max(best.memory, key=lambda r: r.total)
-        out.append(f"no recomputation: the activations of {worst.peak_in_flight} microbatches in flight fit "
+        out.append(f"no recomputation: the activations of {_plural(worst.peak_in_flight, 'microbatch')} in flight fit "
                    f"({worst.activations / GB:.1f} GB)")
     worst = max(best.memory, key=lambda r: r.total)
     out.append(f"memory: {worst.total / GB:.1f} of {cap / GB:.0f} GB per GPU on the most loaded pipeline rank "
@@ -108,8 +116,9 @@ def command(est: Estimate) -> tuple[str, list[str]]:
     fields = est.model.gpt_config_fields(est.seq_len)
     notes = []
     if fields is None:
-        notes.append(f"tandem train builds tandem's GPT (GeLU MLP, LayerNorm, learned positions): it cannot yet "
-                     f"train {est.model.name}'s SwiGLU/RMSNorm/RoPE blocks")
+        notes.append(f"write {est.model.name}'s GPTConfig (norm=\"rmsnorm\", position=\"rope\", "
+                     f"activation=\"swiglu\", ...) to MODEL.json, or start from its Hugging Face directory "
+                     f"with --init-from")
         model = "MODEL.json"
     else:
         if lay.sequence_parallel:
@@ -118,18 +127,17 @@ def command(est: Estimate) -> tuple[str, list[str]]:
         model = "'" + json.dumps(fields, separators=(",", ":")) + "'"
     cmd = (f"{launcher} -m tandem train --tp {lay.tp} --pp {lay.pp} --dp {lay.dp} --schedule {schedule} "
            f"--microbatches {est.num_microbatches} --batch-size {est.global_batch // lay.dp} --model {model}")
+    if est.precision != "fp32":
+        cmd += f" --precision {est.precision}"
+    if lay.recompute != "none":
+        cmd += f" --recompute {lay.recompute}"
+    if lay.distributed_optimizer:
+        cmd += " --zero1"
     if lay.pp == 1 and est.num_microbatches > 1:
         notes.append("tandem train without a pipeline runs the replica's whole batch at once (no gradient "
                      "accumulation over microbatches)")
     if lay.schedule == "interleaved" and lay.virtual_stages != 2:
         notes.append(f"tandem train interleaves v=2 chunks per rank (the plan has v={lay.virtual_stages})")
-    if lay.recompute != "none":
-        notes.append(f"activation recomputation is not in tandem train yet (the plan's memory assumes "
-                     f"{lay.recompute})")
-    if lay.distributed_optimizer:
-        notes.append("tandem train has no distributed optimizer yet (the plan shards optimizer states over dp)")
-    if est.precision != "fp32":
-        notes.append(f"tandem train trains in fp32 (the plan is for {est.precision} with fp32 master weights)")
     return cmd, notes
 
 

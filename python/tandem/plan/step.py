@@ -86,14 +86,14 @@ def simulate_step(layout, m: int, costs: dict[int, Costs]) -> StepSimulation:
         makespan = t1 + scale * (t2 - t1)
         ends = [a + scale * (b - a) for a, b in zip(e1, e2)]
         counts = (m1, m2)
-    bubble = 1.0 - work / (p * makespan)
+    bubble = max(0.0, 1.0 - work / (p * makespan))  # (rounding can put an empty bubble below 0)
     return StepSimulation(makespan=makespan, bubble=bubble, rank_end=tuple(ends), simulated=counts, result=res)
 
 
 def closed_form_step(layout, m: int, stage_work: list[float], comm: float) -> StepSimulation:
     """``closed_form_makespan`` as a StepSimulation (nothing simulated)."""
     makespan = closed_form_makespan(layout, m, stage_work, comm)
-    return StepSimulation(makespan=makespan, bubble=1.0 - m * sum(stage_work) / (layout.pp * makespan),
+    return StepSimulation(makespan=makespan, bubble=max(0.0, 1.0 - m * sum(stage_work) / (layout.pp * makespan)),
                           rank_end=(makespan,) * layout.pp, simulated=(), result=None)
 
 
