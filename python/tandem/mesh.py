@@ -98,7 +98,8 @@ class Mesh:
         first = self._aborted is None
         if first:
             self._aborted = reason
-        # with their forks (the StageLinks'): all revoked first, so none waits for another
+        # with their forks (the StageLinks'): all revoked first, so none waits for another;
+        # what else the mesh keeps (generate's ring) is aborted by its own abort()
         abort_all(self._comms.values())
         key, store = self._abort_key(), job_store()
         if first and key is not None and store is not None:
@@ -136,8 +137,11 @@ class Mesh:
         their forks, through their failure domain) so far completed, at most ``timeout``
         seconds each (default the mesh's), and raise if one failed. On CUDA waits only order
         streams; this is the host check before an optimizer steps on what they delivered."""
+        from tandem.comm import Communicator
+
         for comm in self._comms.values():
-            comm.synchronize(self.timeout if timeout is None else timeout)
+            if isinstance(comm, Communicator):  # forks (generate's ring) share their domains
+                comm.synchronize(self.timeout if timeout is None else timeout)
 
     def _comm(self, name: str):
         self.raise_if_aborted()
@@ -145,8 +149,9 @@ class Mesh:
             from tandem.comm import Communicator
 
             comm = Communicator(getattr(self, f"{name}_group"), self.device, timeout=self.timeout)
-            if self._comms:  # one failure domain: a failure of one makes every later use raise
-                next(iter(self._comms.values())).share_failure_domain(comm)
+            first = next((c for c in self._comms.values() if isinstance(c, Communicator)), None)
+            if first is not None:  # one failure domain: a failure of one makes every later use raise
+                first.share_failure_domain(comm)
             self._comms[name] = comm
         return self._comms[name]
 
