@@ -211,8 +211,9 @@ def test_a_failed_create_or_split_never_leaks_the_half_made_communicator():
 
 def test_enqueue_poll_spins_before_it_sleeps():
     """Item 7: a non-blocking group end answers ncclInProgress until it launched (tens of
-    microseconds); the poll spins for the first 50 us instead of sleeping 1 us, which costs
-    ~55 us with the kernel's timer slack. Mocked NCCL, launch of 10 us, no thread; medians."""
+    microseconds); the poll spins (yielding the core) for the first 50 us instead of sleeping
+    1 us, which costs ~55 us with the kernel's timer slack. Mocked NCCL, launch of 10 us, no
+    thread; medians."""
     spin = T.bench_nccl_post(300, 10.0, False, 50.0)
     sleep = T.bench_nccl_post(300, 10.0, False, 0.0)
     assert 10.0 <= spin < 35.0, f"{spin:.1f} us per post with the spin"
@@ -270,3 +271,20 @@ def test_mesh_host_check_and_abort_cover_the_failure_domain():
             comm.all_reduce(torch.ones(1))
     aborted = {cid for cid, call in T.fake_nccl_calls() if call == "abort"}
     assert {T.fake_id(c._impl) for c in (tp, pp, other, link_fork)} <= aborted
+
+
+def test_bench_nccl_post_runs(tmp_path):
+    """benchmarks/bench_nccl_post.py (the RESULTS.md figures of item 7) end to end, small."""
+    import json
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import bench_nccl_post
+
+    out = tmp_path / "post.json"
+    assert bench_nccl_post.main(["--posts", "20", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * len(bench_nccl_post.LAUNCH_US)
+    for row in rows:
+        assert all(row[name] > 0 for name in bench_nccl_post.POLICIES), row

@@ -1,9 +1,11 @@
 #pragma once
-// Backoff: how a host poll waits between two looks. It spins (with the CPU's pause hint) for
-// the first `spin`, then sleeps 1, 2, 4, ... microseconds up to `max_sleep`. A sleep of
-// 1 us costs ~55 us under Linux's default timer slack (50 us), so a condition that turns
-// true within a few microseconds (NCCL's non-blocking enqueue) is caught by the spin, and a
-// long wait still costs no CPU.
+// Backoff: how a host poll waits between two looks. For the first `spin` it yields the core
+// between looks (sched_yield), then sleeps 1, 2, 4, ... microseconds up to `max_sleep`. A
+// sleep of 1 us costs ~55 us under Linux's default timer slack (50 us), so a condition that
+// turns true within tens of microseconds (NCCL's non-blocking enqueue) is caught by the
+// spin, and a long wait still costs no CPU. Yielding, not a pause-spin: NCCL 2.30.7 launches
+// each non-blocking group on a thread of its own, which a pause-spin keeps off the core when
+// cores are scarce (measured: benchmarks/RESULTS.md, "NCCL enqueue: host time per post").
 #include <algorithm>
 #include <chrono>
 #include <thread>
@@ -35,7 +37,7 @@ class Backoff {
 
   void pause() {
     if (Clock::now() < spin_until_) {
-      for (int i = 0; i < 16; ++i) cpu_relax();  // ~0.1-1 us between two looks
+      std::this_thread::yield();  // a runnable thread of this core (NCCL's launcher) goes first
       return;
     }
     std::this_thread::sleep_for(sleep_);

@@ -59,7 +59,7 @@ class FakeCommunicator final : public Communicator {
   void check() override { core_.check(); }
   bool wait_idle(double timeout_s) override { return core_.wait_idle(timeout_s); }
   std::shared_ptr<NcclState> nccl_state() const override { return core_.state(); }
-  // The comm it holds now (nullptr once ended or aborted) and the one it was made with.
+  // The fake comm it was made with (kept after it ended: the tests' levers act on it).
   ncclComm_t handle() const { return handle_; }
   NcclCore& core() { return core_; }
 

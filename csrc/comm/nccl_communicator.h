@@ -21,7 +21,10 @@ class NcclCommunicator final : public Communicator {
   // Collective over the group: every rank calls it with the same unique_id.
   static std::shared_ptr<NcclCommunicator> create(const std::string& unique_id, int rank, int size,
                                                    int device_index, double timeout_s);
-  // Releases (drains, then destroys) a healthy communicator; see NcclCore::release.
+  // Releases (drains, then destroys) a healthy communicator; see NcclCore::release. Dropped
+  // from Python, this runs with the GIL held: with operations still in flight it waits for
+  // them (at most until their deadlines) before other Python threads run. Call release()
+  // (which releases the GIL) first where that matters.
   ~NcclCommunicator() override = default;
 
   std::string backend() const override { return "nccl"; }

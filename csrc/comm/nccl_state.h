@@ -110,7 +110,7 @@ void abort_states(const std::vector<std::shared_ptr<NcclState>>& states, const s
 void nccl_check(ncclResult_t result, const std::string& what);
 void nccl_check(const NcclApi& api, ncclResult_t result, const std::string& what);
 // Under a StateLock: polls ncclCommGetAsyncError until the comm's last call finished (a
-// non-blocking communicator returns ncclInProgress first), spinning for the first `spin`
+// non-blocking communicator returns ncclInProgress first), yielding for the first `spin`
 // then sleeping (Backoff); on an error, an abort() or past the deadline, fails the state
 // (the lock's owner aborts the comm on unlock) and raises.
 void nccl_wait_ready_locked(NcclState& state, const std::string& what, Clock::time_point deadline,

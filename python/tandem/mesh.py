@@ -93,16 +93,14 @@ class Mesh:
         store, so that the other ranks' next agreement on it (PipelineRunner, generate)
         stops at once instead of waiting for this rank. Using its communicators later
         raises, naming ``reason``."""
-        from tandem.comm import Communicator, abort_all
+        from tandem.comm import abort_all
 
         first = self._aborted is None
         if first:
             self._aborted = reason
-        # with their forks (the StageLinks'): all revoked first, so none waits for another
-        abort_all([c for c in self._comms.values() if isinstance(c, Communicator)])
-        for other in self._comms.values():  # what else is kept on the mesh (generate's ring)
-            if not isinstance(other, Communicator):
-                other.abort()
+        # with their forks (the StageLinks'): all revoked first, so none waits for another;
+        # what else the mesh keeps (generate's ring) is aborted by its own abort()
+        abort_all(self._comms.values())
         key, store = self._abort_key(), job_store()
         if first and key is not None and store is not None:
             try:  # the first reason stays; best effort: every rank fails on its own anyway
@@ -148,8 +146,9 @@ class Mesh:
             from tandem.comm import Communicator
 
             comm = Communicator(getattr(self, f"{name}_group"), self.device, timeout=self.timeout)
-            if self._comms:  # one failure domain: a failure of one makes every later use raise
-                next(iter(self._comms.values())).share_failure_domain(comm)
+            first = next((c for c in self._comms.values() if isinstance(c, Communicator)), None)
+            if first is not None:  # one failure domain: a failure of one makes every later use raise
+                first.share_failure_domain(comm)
             self._comms[name] = comm
         return self._comms[name]
 

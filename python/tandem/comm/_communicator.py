@@ -61,17 +61,23 @@ def _release_live_nccl() -> None:
             pass
 
 
-def abort_all(comms: Iterable[Union["Communicator", object]]) -> None:
+def abort_all(comms: Iterable[object]) -> None:
     """Abort every communicator in ``comms`` and every NCCL communicator sharing a failure
     domain with one of them (see :meth:`Communicator.share_failure_domain`; a communicator's
-    forks, StageLinks' included, share its domain). Local: never waits for a peer.
+    forks, StageLinks' included, share its domain). Other objects in ``comms`` are aborted
+    by their own ``abort()``, after the communicators. Local: never waits for a peer.
 
     NCCL's abort synchronises the communicator's streams, which wait for the caller's
     stream, which may wait for a receive of another communicator from a dead peer: aborted
     one by one, each would wait for the next one's watchdog. So all are revoked first (NCCL
     2.27+: their kernels exit at once), then aborted. Later operations on them raise."""
-    impls = [c._impl if isinstance(c, Communicator) else c for c in comms]
+    impls, others = [], []
+    for c in comms:
+        impl = c._impl if isinstance(c, Communicator) else c
+        (impls if isinstance(impl, _C._Communicator) else others).append(impl)
     _C._abort_all(impls, True)
+    for other in others:
+        other.abort()
 
 
 class Communicator:
