@@ -152,10 +152,13 @@ class C10dWork final : public Work {
       const auto slice = std::min<Clock::duration>(left, kSlice);
       if (!waiter_) {
         // a collective: c10d's wait with a timeout raises when it expires without disturbing
-        // the operation (and raises a failed one's error: then it is completed too)
+        // the operation (and raises a failed one's error: then it is completed too). Some
+        // works (gloo's reduce_scatter) complete through their wait and never report
+        // isCompleted(): a wait that returns is the completion.
         try {
-          work_->wait(std::max(std::chrono::duration_cast<std::chrono::milliseconds>(slice),
-                               std::chrono::milliseconds(1)));
+          if (work_->wait(std::max(std::chrono::duration_cast<std::chrono::milliseconds>(slice),
+                                   std::chrono::milliseconds(1))))
+            returned_ = true;
         } catch (const std::exception&) {
         }
       } else {
@@ -181,7 +184,7 @@ class C10dWork final : public Work {
   // The operation itself ended (successfully or not), or this work already raised.
   bool finished() {
     if (done_ || !error_.empty()) return true;
-    if (!waiter_) return work_->isCompleted();
+    if (!waiter_) return returned_ || work_->isCompleted();
     std::lock_guard<std::mutex> lock(waiter_->mu);
     return waiter_->finished;
   }
@@ -252,6 +255,7 @@ class C10dWork final : public Work {
   c10::intrusive_ptr<c10d::Work> work_;
   std::shared_ptr<P2PWaiter> waiter_;  // set for send/recv
   std::shared_ptr<const std::atomic<bool>> aborted_;
+  bool returned_ = false;  // a collective's wait returned: it completed successfully
   bool done_ = false;
   bool timed_out_ = false;
   std::string error_;

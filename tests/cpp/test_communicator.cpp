@@ -184,16 +184,23 @@ TEST(C10dCommunicator, BadConstruction) {
   });
 }
 
-// Rank 2 of 3 stops answering (alive, its group up, but it never joins): the others'
-// all_reduce times out after the communicator's timeout, naming this rank and the operation;
-// a recv from it times out naming it as the peer.
+// Rank 2 of 3 stops answering (alive, its group up, but it never sends nor joins): a recv
+// from it times out naming it as the peer; then the others' all_reduce times out after the
+// communicator's timeout, naming this rank and the operation (the communicator gives gloo
+// the same limit for the collective; gloo then closes the group's connections, so the
+// collective comes last).
 TEST(C10dCommunicator, ARankThatStopsAnsweringTimesOut) {
   constexpr double kTimeout = 0.5;
   run_ranks(
       3,
       [&](const Rank& r) {
         auto c = r.communicator(kTimeout);
+        auto side = c->fork(std::nullopt);  // forks are collective (a tag each): every rank forks
         if (r.rank < 2) {
+          at::Tensor buf = at::empty({2});
+          expect_throw_with<CommTimeout>([&] { side->recv(buf, 2)->wait(std::nullopt); },
+                                         {"rank " + std::to_string(r.rank) + " of 3: recv of float32[2] from rank 2",
+                                          "timed out after 0.5 s"});
           const auto start = testing::Clock::now();
           at::Tensor t = at::ones({4});
           expect_throw_with<CommTimeout>([&] { c->all_reduce(t, ReduceOp::kSum)->wait(std::nullopt); },
@@ -202,16 +209,9 @@ TEST(C10dCommunicator, ARankThatStopsAnsweringTimesOut) {
           const double waited = seconds_since(start);
           EXPECT_GE(waited, kTimeout * 0.9);
           EXPECT_LT(waited, kTimeout + 5.0);
-          auto side = c->fork(std::nullopt);
-          at::Tensor buf = at::empty({2});
-          expect_throw_with<CommTimeout>([&] { side->recv(buf, 2)->wait(std::nullopt); },
-                                         {"recv of float32[2] from rank 2", "timed out after 0.5 s"});
-        } else {
-          c->fork(std::nullopt);  // forks are collective (a tag each): keep in step
         }
         r.barrier("silent");  // rank 2 keeps its group up until the others gave up
-      },
-      /*gloo_timeout_s=*/kTimeout);
+      });
 }
 
 }  // namespace

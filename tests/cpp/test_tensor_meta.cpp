@@ -64,7 +64,7 @@ bool valid(const int64_t* p) {
 TEST(TensorMeta, CorruptHeadersAlwaysRaiseAClearErrorNeverCrash) {
   std::mt19937_64 rng(20261207);
   int accepted = 0, rejected = 0;
-  for (int trial = 0; trial < 20000; ++trial) {
+  for (int trial = 0; trial < 4000; ++trial) {
     at::Tensor h = at::empty({kHeaderLen}, at::kLong);
     auto* p = h.data_ptr<int64_t>();
     const int kind = trial % 4;
@@ -87,8 +87,8 @@ TEST(TensorMeta, CorruptHeadersAlwaysRaiseAClearErrorNeverCrash) {
       ++rejected;
     }
   }
-  EXPECT_GT(accepted, 1000);  // the generator reaches both outcomes
-  EXPECT_GT(rejected, 1000);
+  EXPECT_GT(accepted, 200);  // the generator reaches both outcomes
+  EXPECT_GT(rejected, 200);
 }
 
 }  // namespace

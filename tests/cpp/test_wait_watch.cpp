@@ -104,9 +104,23 @@ TEST(ErrorBoard, TheFirstPostWinsAndEveryReaderSeesIt) {
 TEST(ErrorBoard, ReadsAreRateLimitedUnlessForced) {
   auto store = c10::make_intrusive<c10d::HashStore>();
   ErrorBoard reader(store, "k"), writer(store, "k");
+  const auto t0 = testing::Clock::now();
   reader.check(false);  // reads now; the next read is due one interval later
+  const auto t1 = testing::Clock::now();
   writer.post("late");
-  EXPECT_NO_THROW(reader.check(false));  // within the interval: not read
+  const auto t2 = testing::Clock::now();
+  bool seen = false;
+  try {
+    reader.check(false);
+  } catch (const CommError&) {
+    seen = true;
+  }
+  const auto t3 = testing::Clock::now();
+  if (seen) {
+    EXPECT_GE(t3 - t0, ErrorBoard::kCheckInterval) << "read the store within the interval";
+  } else {
+    EXPECT_LT(t2 - t1, ErrorBoard::kCheckInterval) << "did not read the store after the interval";
+  }
   expect_throw_with<CommError>([&] { reader.check(true); }, {"late"});
   ErrorBoard local;  // no store: only what this process posted
   EXPECT_NO_THROW(local.check(true));

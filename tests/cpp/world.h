@@ -6,7 +6,6 @@
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
-#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -30,19 +29,11 @@ inline double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-// A ProcessGroup with one gloo backend for rank `rank` of `size` (collective: every rank
-// builds its own, with the same store). gloo_timeout_s: gloo's own limit on an operation.
-inline c10::intrusive_ptr<c10d::ProcessGroup> gloo_group(const c10::intrusive_ptr<c10d::Store>& store, int rank,
-                                                         int size, double gloo_timeout_s) {
-  auto opts = c10d::ProcessGroupGloo::Options::create(
-      std::chrono::milliseconds(static_cast<int64_t>(gloo_timeout_s * 1000)));
-  opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-  auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, opts);
-  auto pg = c10::make_intrusive<c10d::ProcessGroup>(store, rank, size);
-  pg->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
-  pg->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, backend);
-  return pg;
-}
+// A ProcessGroup with one gloo backend (over loopback) for rank `rank` of `size`
+// (collective: every rank builds its own, with the same store). gloo_timeout_s: gloo's own
+// limit on an operation. In gloo_group.cpp, the one file that needs gloo's headers.
+c10::intrusive_ptr<c10d::ProcessGroup> gloo_group(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
+                                                  double gloo_timeout_s);
 
 // What a rank's body gets: its rank, the world size, its group and a store for side
 // channels (error boards), shared by all ranks.
