@@ -127,3 +127,21 @@ def test_no_torch_no_requirements(monkeypatch):
 
     monkeypatch.setattr(locate.metadata, "requires", missing)
     assert locate.torch_requirements("nvidia-nccl-") == []
+
+
+def test_cuda_plan_knobs(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.delenv("TANDEM_FORCE_CPU", raising=False)
+    monkeypatch.setenv("TANDEM_CUDA_ARCHS", "8.0;9.0")
+    if locate.cuda_home() is None or locate.cublaslt(locate.cuda_home()) is None or locate.nccl() is None:
+        pytest.skip("no CUDA toolkit, cuBLASLt or NCCL here: the CUDA plan cannot be made")
+    p = plan.make_plan("13.0")
+    assert p.cuda and p.cuda_archs == "8.0;9.0"
+    assert ("TANDEM_CUDA_ARCHS", '"8.0;9.0"') in p.defines and ("TANDEM_WITH_CUDA", "1") in p.defines
+    assert any(s.endswith(".cu") for s in p.core_sources) and p.nvcc_flags == plan.NVCC_FLAGS
+    assert p.library_names == ("cuBLASLt", "NCCL") and p.libraries[1] == locate.nccl()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")  # wins, as in torch's own builds
+    assert plan.make_plan("13.0").cuda_archs == "9.0"
+    assert not plan.make_plan("13.0", force_cpu=True).cuda
+    monkeypatch.setenv("TANDEM_FORCE_CPU", "1")
+    assert not plan.make_plan("13.0").cuda
