@@ -12,7 +12,7 @@
 namespace {
 
 int shared_counter = 0;
-void* leaked = nullptr;
+void* volatile sink = nullptr;  // volatile: the compiler keeps every store
 
 int race() {
   std::thread a([] { shared_counter += 1; });
@@ -24,20 +24,23 @@ int race() {
 
 int overflow(int n) {
   int* p = new int[4];
-  p[n] = 1;  // n == 4: one past the end
+  volatile int count = n + 1;  // 5 ints into 4 (volatile: not known at compile time)
+  std::memset(p, 0, count * sizeof(int));
   const int v = p[0];
   delete[] p;
   return v;
 }
 
 int leak() {
-  leaked = std::malloc(64);
-  leaked = nullptr;  // the only pointer is gone
+  sink = std::malloc(64);
+  sink = nullptr;  // the only pointer is gone
   return 0;
 }
 
 int ub(int x) {
-  return x + 1 > x ? 0 : 1;  // x == INT_MAX: signed overflow
+  volatile int y = x;
+  const int z = y + 1;  // x == INT_MAX: signed overflow
+  return z < 0 ? 1 : 0;
 }
 
 }  // namespace
@@ -45,7 +48,7 @@ int ub(int x) {
 int main(int argc, char** argv) {
   const char* mode = argc > 1 ? argv[1] : "";
   if (std::strcmp(mode, "race") == 0) return race();
-  if (std::strcmp(mode, "overflow") == 0) return overflow(argc + 2);  // 4: not known at compile time
+  if (std::strcmp(mode, "overflow") == 0) return overflow(argc + 2);  // 4, not known at compile time
   if (std::strcmp(mode, "leak") == 0) return leak();
   if (std::strcmp(mode, "ub") == 0) return ub(std::atoi("2147483647"));
   std::fprintf(stderr, "usage: sanitizer_canary race|overflow|leak|ub\n");
