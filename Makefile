@@ -1,4 +1,6 @@
-# tandem: `make test` sets up a fresh machine (venv, torch, build) and runs the tests.
+# tandem: `make test` sets up a fresh machine (venv, torch, build) and runs the tests: pytest,
+# then the C++ tests under AddressSanitizer + UBSan (ctest, CMake preset asan).
+# `make tsan` runs the C++ tests under ThreadSanitizer (CMake preset tsan).
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.14.1
@@ -7,10 +9,19 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tandem
 CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: test build demo clean
+CMAKE_PY := -DPython3_EXECUTABLE=$(abspath $(PY))
+
+.PHONY: test build demo clean asan tsan
 
 test: $(STAMP)/core
 	$(PY) -m pytest -q
+	$(MAKE) asan
+
+# C++ tests of the CPU-only core (no Python), instrumented; a sanitizer report fails them.
+asan tsan: $(STAMP)/venv $(STAMP)/cpp-deps
+	mkdir -p build && cmake --preset $@ $(CMAKE_PY) > build/$@-configure.log 2>&1 || (cat build/$@-configure.log; exit 1)
+	cmake --build --preset $@ -j $(JOBS)
+	ctest --preset $@ -j $(JOBS)
 
 build: $(STAMP)/core
 
@@ -36,13 +47,22 @@ $(STAMP)/venv:
 
 # First time: an editable install (builds the core); then incremental rebuilds of the core
 # after C++/CUDA edits (ninja, build/).
-$(STAMP)/core: $(STAMP)/venv setup.py pyproject.toml buildtools/locate.py $(CSRC)
+$(STAMP)/core: $(STAMP)/venv setup.py pyproject.toml buildtools/locate.py buildtools/plan.py $(CSRC)
 	if [ -f $(STAMP)/installed ]; then \
 		MAX_JOBS=$(JOBS) $(PY) setup.py -q build_ext --inplace; \
 	else \
 		MAX_JOBS=$(JOBS) $(PY) -m pip install -q --no-build-isolation --no-deps -e . && touch $(STAMP)/installed; \
 	fi
 	touch $@
+
+# GoogleTest, and gloo's headers (the torch wheel lacks them; the C++ tests build gloo groups),
+# from the system packages (CI runs as root on a fresh machine).
+$(STAMP)/cpp-deps:
+	if ! [ -f /usr/lib/x86_64-linux-gnu/cmake/GTest/GTestConfig.cmake -a -f /usr/include/gloo/rendezvous/store.h ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libgtest-dev libgloo-dev; \
+		else echo "GoogleTest or gloo headers missing: sudo apt-get install libgtest-dev libgloo-dev"; exit 1; fi; \
+	fi
+	mkdir -p $(STAMP) && touch $@
 
 clean:
 	rm -rf build python/tandem/_C*.so $(STAMP)

@@ -14,11 +14,11 @@ found (a GPU is not needed); otherwise a CPU-only core is built. Knobs:
   MAX_JOBS               parallel compile jobs (ninja)
 
 Install with `pip install --no-build-isolation .` so the build uses the torch you have.
+What is compiled and linked, and with which flags, is buildtools/plan.py's (the CMake build
+of the core reads the same plan; see README.md, "C++ and CMake").
 """
 
-import glob
 import os
-import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -26,6 +26,7 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "buildtools"))
 import locate  # noqa: E402  (buildtools/locate.py: finds CUDA_HOME, cuBLASLt, NCCL)
+import plan as build_plan  # noqa: E402  (buildtools/plan.py: sources, flags, libraries; CMake reads it too)
 
 # torch.utils.cpp_extension reads CUDA_HOME when it is imported: settle it first.
 _cuda_home = locate.cuda_home()
@@ -36,62 +37,26 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
-def _want_cuda():
-    if os.environ.get("TANDEM_FORCE_CPU", "0") not in ("", "0"):
-        print("tandem: TANDEM_FORCE_CPU set: building the CPU-only core")
-        return False
-    if torch.version.cuda is None:
-        print("tandem: torch is a CPU build: building the CPU-only core")
-        return False
-    if _cuda_home is None or shutil.which("nvcc", path=os.path.join(_cuda_home, "bin")) is None:
-        print("tandem: nvcc not found (set CUDA_HOME): building the CPU-only core")
-        return False
-    return True
-
-
-def _sources(*patterns):
-    out = []
-    for p in patterns:
-        out += sorted(glob.glob(os.path.join("csrc", p), recursive=True))
-    return out
-
-
 def _extension():
-    cxx = ["-O3"]  # torch adds the C++ standard it needs (17 or 20)
-    define = []
-    if not _want_cuda():
-        return CppExtension(
-            "tandem._C",
-            _sources("**/*.cpp"),
-            include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx},
-            define_macros=define,
-        )
-
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or os.environ.get("TANDEM_CUDA_ARCHS") or "9.0+PTX"
-    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-    blas = locate.cublaslt(_cuda_home)
-    nccl = locate.nccl()
-    for name, found in (("cuBLASLt", blas), ("NCCL", nccl)):
-        if found is None:
-            raise RuntimeError(
-                f"tandem: torch is a CUDA build but {name} was not found; install the nvidia "
-                f"wheels that torch depends on, or set {'NCCL_HOME' if name == 'NCCL' else 'CUDA_HOME'}"
-            )
-    print(f"tandem: CUDA build, CUDA_HOME={_cuda_home}, archs={archs}")
-    print(f"tandem: cuBLASLt {blas.include} {blas.lib_dir}/{blas.lib_file}")
-    print(f"tandem: NCCL {nccl.include} {nccl.lib_dir}/{nccl.lib_file}")
-    define += [("TANDEM_WITH_CUDA", "1"), ("TANDEM_CUDA_ARCHS", f'"{archs}"')]
-    libs = (blas, nccl)
+    plan = build_plan.make_plan(torch.version.cuda)
+    print(f"tandem: {plan.reason}")
+    common = dict(
+        name="tandem._C",
+        sources=list(plan.sources),
+        include_dirs=list(plan.include_dirs),
+        define_macros=list(plan.defines),
+    )
+    if not plan.cuda:
+        return CppExtension(**common, extra_compile_args={"cxx": list(plan.cxx_flags)})
+    os.environ["TORCH_CUDA_ARCH_LIST"] = plan.cuda_archs
+    for name, lib in zip(plan.library_names, plan.libraries):
+        print(f"tandem: {name} {lib.include} {lib.lib_dir}/{lib.lib_file}")
     return CUDAExtension(
-        "tandem._C",
-        _sources("**/*.cpp", "**/*.cu"),
-        include_dirs=[os.path.join(ROOT, "csrc")] + [lib.include for lib in libs],
-        library_dirs=[lib.lib_dir for lib in libs],
-        extra_link_args=[f"-l:{lib.lib_file}" for lib in libs]
-        + [f"-Wl,-rpath,{lib.lib_dir}" for lib in libs],
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
-        define_macros=define,
+        **common,
+        library_dirs=[lib.lib_dir for lib in plan.libraries],
+        extra_link_args=[f"-l:{lib.lib_file}" for lib in plan.libraries]
+        + [f"-Wl,-rpath,{lib.lib_dir}" for lib in plan.libraries],
+        extra_compile_args={"cxx": list(plan.cxx_flags), "nvcc": list(plan.nvcc_flags)},
     )
 
 

@@ -8,8 +8,10 @@ very libraries torch loads: two different libnccl.so.2 in one process would brea
 import glob
 import importlib.util
 import os
+import re
 import shutil
 from dataclasses import dataclass
+from importlib import metadata
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,37 @@ def cublaslt(cuda_root):
     return _find("cublasLt.h", "libcublasLt.so.*[0-9]", roots)
 
 
+def torch_requirements(prefix):
+    """Names of the distributions that the installed torch requires whose names start with
+    prefix (e.g. "nvidia-nccl-" -> ["nvidia-nccl-cu13"]); [] when torch is not installed."""
+    try:
+        requires = metadata.requires("torch") or []
+    except metadata.PackageNotFoundError:
+        return []
+    names = (re.match(r"[A-Za-z0-9_.\-]+", r).group(0) for r in requires)
+    return [n for n in names if n.lower().replace("_", "-").startswith(prefix)]
+
+
+def _distribution_roots(name, header):
+    """Directories of distribution `name` that hold include/<header> (from its file list)."""
+    try:
+        dist = metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        return []
+    roots = []
+    for f in dist.files or []:
+        if f.name == header and f.parent.name == "include":
+            roots.append(os.path.dirname(os.path.dirname(str(dist.locate_file(f)))))
+    return roots
+
+
 def nccl():
+    """$NCCL_HOME; else the NCCL wheel that the installed torch depends on, whichever CUDA
+    major it is built for (nvidia-nccl-cu12, nvidia-nccl-cu13, ...); else site-packages'
+    nvidia/nccl, /usr, /usr/local."""
     roots = [os.environ["NCCL_HOME"]] if os.environ.get("NCCL_HOME") else []
+    for name in torch_requirements("nvidia-nccl-"):
+        roots += _distribution_roots(name, "nccl.h")
     roots += [os.path.join(base, "nccl") for base in _nvidia_roots()]
     roots += ["/usr", "/usr/local"]
     return _find("nccl.h", "libnccl.so.*[0-9]", roots)

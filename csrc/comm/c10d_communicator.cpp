@@ -117,9 +117,14 @@ namespace {
 
 class C10dWork final : public Work {
  public:
-  // waits: the queue that waits for a send/recv (nullptr for a collective)
-  C10dWork(c10::intrusive_ptr<c10d::Work> work, std::string what, double timeout_s, P2PWaitQueue* waits)
-      : Work(std::move(what), timeout_s), work_(std::move(work)), waiter_(waits ? waits->add(work_) : nullptr) {}
+  // waits: the queue that waits for a send/recv (nullptr for a collective); aborted: the
+  // communicator's flag (abort() from any thread ends the waits in progress)
+  C10dWork(c10::intrusive_ptr<c10d::Work> work, std::string what, double timeout_s, P2PWaitQueue* waits,
+           std::shared_ptr<const std::atomic<bool>> aborted)
+      : Work(std::move(what), timeout_s),
+        work_(std::move(work)),
+        waiter_(waits ? waits->add(work_) : nullptr),
+        aborted_(std::move(aborted)) {}
 
   void wait(std::optional<double> timeout_s) override { synchronize(timeout_s); }
 
@@ -135,26 +140,33 @@ class C10dWork final : public Work {
     done_ = true;
   }
 
-  bool is_completed() override {
-    if (done_ || !error_.empty()) return true;
-    if (!waiter_) return work_->isCompleted();
-    std::lock_guard<std::mutex> lock(waiter_->mu);
-    return waiter_->finished;
-  }
+  // Finished (successfully or not), or given up on: the communicator was aborted.
+  bool is_completed() override { return finished() || aborted(); }
 
   bool wait_for(double timeout_s) override {
-    if (done_ || !error_.empty()) return true;
-    if (!waiter_) {
-      // a collective: c10d's wait with a timeout raises when it expires without disturbing
-      // the operation (and raises a failed one's error: then it is completed too)
-      try {
-        work_->wait(std::max(to_ms(timeout_s), std::chrono::milliseconds(1)));
-      } catch (const std::exception&) {
+    const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                             std::chrono::duration<double>(timeout_s));
+    while (!is_completed()) {  // in slices: an abort from another thread ends the wait
+      const auto left = deadline - Clock::now();
+      if (left <= Clock::duration::zero()) return false;
+      const auto slice = std::min<Clock::duration>(left, kSlice);
+      if (!waiter_) {
+        // a collective: c10d's wait with a timeout raises when it expires without disturbing
+        // the operation (and raises a failed one's error: then it is completed too). Some
+        // works (gloo's reduce_scatter) complete through their wait and never report
+        // isCompleted(): a wait that returns is the completion.
+        try {
+          if (work_->wait(std::max(std::chrono::duration_cast<std::chrono::milliseconds>(slice),
+                                   std::chrono::milliseconds(1))))
+            returned_ = true;
+        } catch (const std::exception&) {
+        }
+      } else {
+        std::unique_lock<std::mutex> lock(waiter_->mu);
+        waiter_->cv.wait_for(lock, slice, [&] { return waiter_->finished; });
       }
-      return work_->isCompleted();
     }
-    std::unique_lock<std::mutex> lock(waiter_->mu);
-    return waiter_->cv.wait_for(lock, std::chrono::duration<double>(timeout_s), [&] { return waiter_->finished; });
+    return true;
   }
 
   // Parks the operation: gloo keeps it registered on the connection even when aborted, and
@@ -165,17 +177,39 @@ class C10dWork final : public Work {
   void cancel() override {}
 
  private:
-  // A collective runs on a gloo worker thread; Work::wait(timeout) waits for it without
-  // disturbing it. Under a WaitWatch, in slices, with the watch's check between them.
+  static constexpr std::chrono::milliseconds kSlice{20};
+
+  bool aborted() const { return aborted_ && aborted_->load(); }
+
+  // The operation itself ended (successfully or not), or this work already raised.
+  bool finished() {
+    if (done_ || !error_.empty()) return true;
+    if (!waiter_) return returned_ || work_->isCompleted();
+    std::lock_guard<std::mutex> lock(waiter_->mu);
+    return waiter_->finished;
+  }
+
+  // A collective runs on a gloo worker thread; we wait for it in slices (Work::wait with a
+  // timeout does not disturb it), checking for an abort and, under a WaitWatch, the watch.
   void wait_collective(double limit) {
-    if (const WaitWatch* watch = current_wait_watch()) {
-      limit = std::min(limit, watch->timeout_s);
-      watch_collective(*watch, limit);  // returns once completed (successfully or not)
-    }
+    const WaitWatch* watch = current_wait_watch();
+    if (watch) limit = std::min(limit, watch->timeout_s);
     const auto start = Clock::now();
+    while (!wait_for(std::chrono::duration<double>(kSlice).count())) {
+      if (watch) {
+        try {
+          watch->check();
+        } catch (const std::exception& e) {
+          error_ = what() + ": stopped waiting: " + first_line(e.what());
+          throw CommError(error_);
+        }
+      }
+      if (std::chrono::duration<double>(Clock::now() - start).count() >= limit) fail(true, "", limit);
+    }
+    if (!finished()) fail(false, "the communicator was aborted", limit);
     bool ok = false;
     try {
-      ok = work_->wait(to_ms(limit));
+      ok = work_->wait(to_ms(limit));  // completed: returns at once, or raises its error
     } catch (const std::exception& e) {
       const double waited = std::chrono::duration<double>(Clock::now() - start).count();
       // c10d reports a timeout as an ordinary error: tell it apart by the time it took.
@@ -184,28 +218,15 @@ class C10dWork final : public Work {
     if (!ok) fail(false, "the operation was aborted", limit);
   }
 
-  void watch_collective(const WaitWatch& watch, double limit) {
-    constexpr double kSlice = 0.02;
-    const auto start = Clock::now();
-    while (!wait_for(kSlice)) {
-      try {
-        watch.check();
-      } catch (const std::exception& e) {
-        error_ = what() + ": stopped waiting: " + first_line(e.what());
-        throw CommError(error_);
-      }
-      if (std::chrono::duration<double>(Clock::now() - start).count() >= limit) fail(true, "", limit);
-    }
-  }
-
   void wait_p2p(double limit) {
+    if (!wait_for(limit)) fail(true, "", limit);  // the operation stays parked (see cancel)
+    if (!finished()) fail(false, "the communicator was aborted", limit);
     std::unique_lock<std::mutex> lock(waiter_->mu);
-    if (!waiter_->cv.wait_for(lock, std::chrono::duration<double>(limit), [&] { return waiter_->finished; })) {
-      lock.unlock();
-      fail(true, "", limit);  // the operation stays parked (see cancel)
-    }
-    if (!waiter_->error.empty()) fail(false, waiter_->error, limit);
-    if (!waiter_->ok) fail(false, "the operation was aborted", limit);
+    const bool ok = waiter_->ok;
+    const std::string error = waiter_->error;
+    lock.unlock();
+    if (!error.empty()) fail(false, error, limit);
+    if (!ok) fail(false, "the operation was aborted", limit);
   }
 
   [[noreturn]] void fail(bool timed_out, const std::string& cause, double limit) {
@@ -233,6 +254,8 @@ class C10dWork final : public Work {
 
   c10::intrusive_ptr<c10d::Work> work_;
   std::shared_ptr<P2PWaiter> waiter_;  // set for send/recv
+  std::shared_ptr<const std::atomic<bool>> aborted_;
+  bool returned_ = false;  // a collective's wait returned: it completed successfully
   bool done_ = false;
   bool timed_out_ = false;
   std::string error_;
@@ -271,12 +294,12 @@ P2PWaitQueue& C10dCommunicator::waits(int peer, P2PKind kind) {
   return *q;
 }
 
-void C10dCommunicator::abort() { aborted_ = true; }
+void C10dCommunicator::abort() { *aborted_ = true; }
 
 void C10dCommunicator::close(std::optional<double>) { closed_ = true; }
 
 void C10dCommunicator::check_alive(const std::string& what) const {
-  if (aborted_) throw CommError(what + ": the communicator was aborted");
+  if (*aborted_) throw CommError(what + ": the communicator was aborted");
   if (closed_) throw CommError(what + ": the communicator was closed");
 }
 
@@ -289,7 +312,7 @@ WorkPtr C10dCommunicator::do_all_reduce(const at::Tensor& t, ReduceOp op, std::s
   opts.reduceOp = to_c10d(op);
   opts.timeout = timeout_ms();  // gloo's own timeout too: a stuck worker thread gives up
   // t [n...] -> t [n...] reduced over the group, in place
-  return std::make_shared<C10dWork>(pg_->allreduce(tensors, opts), std::move(what), timeout_s(), nullptr);
+  return std::make_shared<C10dWork>(pg_->allreduce(tensors, opts), std::move(what), timeout_s(), nullptr, aborted_);
 }
 
 // _allgather_base / _reduce_scatter_base are the names that every supported torch has
@@ -302,7 +325,7 @@ WorkPtr C10dCommunicator::do_all_gather(const at::Tensor& out, const at::Tensor&
   c10d::AllgatherOptions opts;
   opts.timeout = timeout_ms();
   // in [n0, ...] on each rank -> out [size * n0, ...]
-  return std::make_shared<C10dWork>(pg_->_allgather_base(o, i, opts), std::move(what), timeout_s(), nullptr);
+  return std::make_shared<C10dWork>(pg_->_allgather_base(o, i, opts), std::move(what), timeout_s(), nullptr, aborted_);
 }
 
 WorkPtr C10dCommunicator::do_reduce_scatter(const at::Tensor& out, const at::Tensor& in, ReduceOp op,
@@ -313,7 +336,7 @@ WorkPtr C10dCommunicator::do_reduce_scatter(const at::Tensor& out, const at::Ten
   opts.reduceOp = to_c10d(op);
   opts.timeout = timeout_ms();
   // in [size * n0, ...] reduced over the group -> out [n0, ...], this rank's block
-  return std::make_shared<C10dWork>(pg_->_reduce_scatter_base(o, i, opts), std::move(what), timeout_s(), nullptr);
+  return std::make_shared<C10dWork>(pg_->_reduce_scatter_base(o, i, opts), std::move(what), timeout_s(), nullptr, aborted_);
 }
 #pragma GCC diagnostic pop
 
@@ -339,7 +362,7 @@ std::vector<WorkPtr> C10dCommunicator::do_batch_p2p(const std::vector<P2POp>& op
       if (ops[i].kind != kind || works[i]) continue;
       std::vector<at::Tensor> tensors{ops[i].tensor};
       auto w = kind == P2PKind::kSend ? pg_->send(tensors, ops[i].peer, tag_) : pg_->recv(tensors, ops[i].peer, tag_);
-      works[i] = std::make_shared<C10dWork>(std::move(w), whats[i], timeout_s(), &waits(ops[i].peer, kind));
+      works[i] = std::make_shared<C10dWork>(std::move(w), whats[i], timeout_s(), &waits(ops[i].peer, kind), aborted_);
     }
   }
   return works;

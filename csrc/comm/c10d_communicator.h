@@ -21,8 +21,10 @@ class C10dCommunicator final : public Communicator {
   std::string backend() const override { return "c10d:" + pg_->getBackendName(); }
   // Same ProcessGroup, a fresh p2p tag: its sends/recvs never match this one's.
   CommunicatorPtr fork(std::optional<double> timeout_s) override;
-  // Marks this communicator aborted (later calls raise). The ProcessGroup is the caller's and
-  // stays up; use dist.destroy_process_group to end it.
+  // Marks this communicator aborted: later calls raise, and so do the waits in progress on
+  // its operations (from any thread; they end within a slice of 20 ms). The operations stay
+  // posted (see C10dWork::cancel). The ProcessGroup is the caller's and stays up; use
+  // dist.destroy_process_group to end it.
   void abort() override;
   // Later calls raise; nothing to flush (gloo's operations are the caller's to wait for).
   void close(std::optional<double> timeout_s) override;
@@ -44,7 +46,8 @@ class C10dCommunicator final : public Communicator {
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
   int tag_;                                    // p2p tag of this communicator
   std::shared_ptr<std::atomic<int>> next_tag_;  // shared by all forks of one root
-  std::atomic<bool> aborted_{false};
+  // shared with this communicator's works: an abort ends their waits
+  std::shared_ptr<std::atomic<bool>> aborted_ = std::make_shared<std::atomic<bool>>(false);
   std::atomic<bool> closed_{false};
   std::mutex waits_mu_;
   std::map<std::pair<int, bool>, std::shared_ptr<P2PWaitQueue>> waits_;  // (peer, is_send)
