@@ -210,3 +210,23 @@ def test_a_dead_rank_or_ctrl_c_stops_every_rank(tmp_path, how):
     time.sleep(1)
     alive = [w for w in workers if os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z"]
     assert not alive, f"workers still running: {alive}"
+
+
+def test_text_timeline_keeps_every_action_visible():
+    """make demo's picture: rank 0's F0 (3.8 ms of a 400 ms step, under one cell) is drawn,
+    and so is every other action; lines keep their width unless actions outnumber cells."""
+    from tandem.cli.outputs import text_timeline
+    from tandem.pipeline import TimelineRecord
+
+    def rec(rank, kind, mb, start_ms, end_ms):
+        return TimelineRecord(rank, rank, kind, mb, start_ms / 1e3, end_ms / 1e3)
+
+    rows = [rec(0, "F", 0, 0, 3.8), rec(0, "F", 1, 3.8, 80), rec(0, "B", 0, 120, 200), rec(0, "B", 1, 200, 201),
+            rec(0, "W", 1, 201, 202), rec(1, "F", 0, 5, 60), rec(1, "B", 0, 60, 119), rec(1, "F", 1, 119, 400)]
+    lines = text_timeline(rows, width=72).splitlines()
+    rank0, rank1 = (line.split("|")[1] for line in lines[:2])
+    assert rank0.startswith("0111") and "abB" in rank0 and len(rank0) == 72, rank0
+    assert rank1.startswith("0") and {"0", "a", "1"} <= set(rank1) and len(rank1) == 72, rank1
+    many = [rec(0, "F", m, m * 0.1, m * 0.1 + 0.1) for m in range(10)] + [rec(0, "B", 0, 1, 100)]
+    line = text_timeline(many, width=20).splitlines()[0].split("|")[1]
+    assert line.startswith("0123456789a") and len(line) >= 20, line

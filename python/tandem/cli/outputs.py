@@ -38,7 +38,10 @@ def _last_step(rows: list) -> list:
 
 def text_timeline(rows: list, width: int = 72) -> str:
     """The timeline as text, one line per pipeline rank: F of microbatch m prints as the digit
-    m, B as the letter a+m, W as A+m (m mod 10), idle as '.'."""
+    m, B as the letter a+m, W as A+m (m mod 10), idle as '.'. Every action keeps at least one
+    cell: one shorter than a cell, or starting in a cell its predecessor took, is drawn in
+    the next free cell (the rest of the line then runs late by as much; a line with more
+    actions than cells grows past ``width``)."""
     if not rows:
         return ""
     span = max(r.end_s for r in rows) or 1.0
@@ -46,15 +49,16 @@ def text_timeline(rows: list, width: int = 72) -> str:
     lines = []
     for rank in ranks:
         cells = ["."] * width
-        for r in (r for r in rows if r.rank == rank):
+        free = 0  # the first cell no action of this rank has taken
+        for r in sorted((r for r in rows if r.rank == rank), key=lambda r: (r.start_s, r.end_s)):
             kind = str(getattr(r.kind, "value", r.kind))
             base = {"F": "0", "B": "a", "W": "A"}.get(kind)
             if base is None:
                 continue
-            glyph = chr(ord(base) + r.microbatch % 10)
-            lo, hi = int(r.start_s / span * width), max(int(r.start_s / span * width) + 1, int(r.end_s / span * width))
-            for i in range(lo, min(hi, width)):
-                cells[i] = glyph
+            lo = max(int(r.start_s / span * width), free)
+            free = max(lo + 1, int(r.end_s / span * width + 0.5))
+            cells += ["."] * (free - len(cells))
+            cells[lo:free] = chr(ord(base) + r.microbatch % 10) * (free - lo)
         lines.append(f"  rank {rank} |{''.join(cells)}|")
     lines.append(f"  {'':6} 0{'':{width - 12}}{span * 1e3:8.1f} ms")
     lines.append("  F: 0-9, B: a-j, W: A-J (microbatch mod 10), idle: .")

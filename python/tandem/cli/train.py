@@ -10,7 +10,6 @@ import os
 
 from tandem.cli import common, train_options
 
-SCHEDULES = {"gpipe": "GPipe", "1f1b": "OneFOneB", "interleaved": "Interleaved1F1B", "zb-h1": "ZeroBubbleH1"}
 MODELS = {
     "tiny": dict(vocab_size=64, max_seq_len=32, num_layers=4, hidden_size=64, num_heads=4, ffn_hidden_size=256),
     "small": dict(vocab_size=256, max_seq_len=128, num_layers=8, hidden_size=256, num_heads=8,
@@ -29,7 +28,7 @@ def add_parser(sub):
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--dp", type=int, default=None, help="data-parallel replicas (default: nproc / (tp*pp))")
     p.add_argument("--nproc", type=int, default=None, help="processes to launch (default: tp*pp*dp)")
-    p.add_argument("--schedule", default="1f1b", choices=sorted(SCHEDULES), help="pipeline schedule")
+    p.add_argument("--schedule", default="1f1b", choices=sorted(train_options.SCHEDULES), help="pipeline schedule")
     p.add_argument("--microbatches", type=int, default=None, help="microbatches per step (default: 2*pp)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps of the whole run (default 150)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per dp replica per forward/backward pass "
@@ -111,15 +110,6 @@ def _world(args) -> tuple[int, int, int, int]:
     return tp, pp, dp, world
 
 
-def schedule_for(name: str, pp: int, microbatches: int):
-    from tandem import pipeline
-
-    cls = getattr(pipeline, SCHEDULES[name])
-    if name == "interleaved":
-        return cls(pp, microbatches, virtual_stages=2)
-    return cls(pp, microbatches)
-
-
 def validate(args):
     """Everything checkable before any process starts. Returns (cfg, tp, pp, dp, world)."""
     cfg = model_config(args.model) if args.init_from is None else _hf_config(args.init_from)
@@ -139,14 +129,18 @@ def validate(args):
         raise common.UsageError(f"sequence parallelism needs max_seq_len={cfg.max_seq_len} divisible by tp={tp}")
     if pp > 1:
         try:
-            schedule = schedule_for(args.schedule, pp, args.microbatches)
+            schedule = train_options.schedule_for(args.schedule, pp, args.microbatches)
         except ValueError as e:
             raise common.UsageError(f"--schedule {args.schedule}: {e}")
         units = cfg.num_layers + 2  # embedding, blocks, head
         if units < schedule.num_stages:
             raise common.UsageError(f"the model has {units} layers (embedding + {cfg.num_layers} blocks + head), "
                                     f"fewer than the {schedule.num_stages} pipeline stages of {args.schedule}")
-    train_options.validate_job(args, cfg, dp)
+    train = train_options.validate_job(args, cfg, dp)
+    if args.resume is not None and os.environ.get(train_options.VALIDATED_ENV) != "1":
+        from tandem.cli.train_job import check_resumable
+
+        check_resumable(args, cfg, dp, train)
     return cfg, tp, pp, dp, world
 
 

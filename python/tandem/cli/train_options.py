@@ -10,6 +10,7 @@ __all__ = ["add_options", "validate_job", "KILL_ENV", "VALIDATED_ENV"]
 
 KILL_ENV = "TANDEM_TEST_KILL"  # tests only: "RANK:STEP" or "RANK:STEP:save" (see train_job)
 VALIDATED_ENV = "TANDEM_TRAIN_VALIDATED"  # set for the workers of a self-launch: the data was checked
+SCHEDULES = {"gpipe": "GPipe", "1f1b": "OneFOneB", "interleaved": "Interleaved1F1B", "zb-h1": "ZeroBubbleH1"}
 
 
 def add_options(p) -> None:
@@ -73,6 +74,16 @@ def _check_numbers(args) -> None:
         raise common.UsageError("give --resume or --init-from, not both (a resumed run has its own weights)")
 
 
+def schedule_for(name: str, pp: int, microbatches: int):
+    """The pipeline schedule --schedule names, for pp stages (interleaved: 2 per rank)."""
+    from tandem import pipeline
+
+    cls = getattr(pipeline, SCHEDULES[name])
+    if name == "interleaved":
+        return cls(pp, microbatches, virtual_stages=2)
+    return cls(pp, microbatches)
+
+
 def schedule(args):
     """The LRSchedule of the arguments (UsageError when they do not make one)."""
     from tandem.lr import LRSchedule
@@ -115,8 +126,9 @@ def open_data(args, cfg, *, check: bool = True):
     return train, val
 
 
-def validate_job(args, cfg, dp: int) -> None:
-    """Every check of these options that can run before any process starts."""
+def validate_job(args, cfg, dp: int):
+    """Every check of these options that can run before any process starts, but --resume's
+    (train_job.check_resumable, which needs the returned training data)."""
     _check_numbers(args)
     schedule(args)
     validated = os.environ.get(VALIDATED_ENV) == "1"  # a self-launched worker: checked by the launcher
@@ -134,7 +146,4 @@ def validate_job(args, cfg, dp: int) -> None:
 
         print("tandem: note: under torchrun, --max-restarts is torchrun's option (with "
               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1); a restarted worker resumes by itself", file=sys.stderr)
-    if args.resume is not None and not validated:
-        from tandem.cli.train_job import check_resumable
-
-        check_resumable(args, cfg, dp, train)
+    return train

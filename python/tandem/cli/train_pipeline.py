@@ -13,7 +13,7 @@ def build_pipeline(args, cfg, mesh, model, make_optimizer):
     """
     from tandem.optim import MixedPrecisionOptimizer
 
-    from tandem.cli.train import schedule_for
+    from tandem.cli.train_options import schedule_for
     from tandem.nn import vocab_parallel_cross_entropy
     from tandem.pipeline import PipelineRunner, partition, split
 

@@ -22,7 +22,7 @@ from typing import Mapping, NamedTuple, Sequence
 
 from tandem.pipeline.ir import Action, ActionKind, ScheduleError, StageLayout
 from tandem.pipeline.schedules import Schedule
-from tandem.pipeline.simulate import CostsLike, _execute
+from tandem.pipeline.events import CostsLike, _execute
 
 __all__ = ["lower", "validate_lowered"]
 

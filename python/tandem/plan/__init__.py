@@ -11,7 +11,8 @@ from tandem.plan.calibrate import calibrate
 from tandem.plan.estimate import Estimate, PlanError, estimate
 from tandem.plan.framework import FRAMEWORKS, Framework
 from tandem.plan.layout import Layout
-from tandem.plan.model import ModelSpec, load_model
+from tandem.plan.model import ModelSpec
+from tandem.plan.model_input import load_model
 from tandem.plan.presets import MEGATRON_SC21_TABLE1, PRESETS, PublishedRun
 from tandem.plan.profiles import PROFILES, DeviceProfile, load_profile
 from tandem.plan.saved import saved_activation_bytes

@@ -30,7 +30,8 @@ from tandem.plan.gemm import memory_time
 from tandem.plan.host import sharing_ranks, sharing_slowdown, stretched_costs
 from tandem.plan.layout import Layout, layout_problems, stage_blocks
 from tandem.plan.memory import BYTES_PER_PARAM, RankMemory, rank_memory
-from tandem.plan.model import ModelSpec, load_model
+from tandem.plan.model import ModelSpec
+from tandem.plan.model_input import load_model
 from tandem.plan.profiles import DeviceProfile, load_profile
 from tandem.plan.step import StepSimulation, closed_form_step, simulate_step
 from tandem.plan.timing import PRECISIONS, StageCost, stage_costs

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from tandem.plan.estimate import Estimate, PlanError, estimate, memory_only
 from tandem.plan.framework import Framework, get_framework
 from tandem.plan.layout import Layout, layout_problems
-from tandem.plan.model import ModelSpec, load_model
+from tandem.plan.model import ModelSpec
+from tandem.plan.model_input import load_model
 from tandem.plan.profiles import DeviceProfile, load_profile
 from tandem.plan.step import simulated_counts
 from tandem.plan.timing import PRECISIONS
