@@ -72,15 +72,17 @@ class Setup:
                                          num_microbatches=sched.num_microbatches, optimizer=self.opt,
                                          loss_fn=lambda y, t: vocab_parallel_cross_entropy(y, t, mesh=mesh))
 
-    def forward_backward(self):
-        """One step's gradients (dp-averaged in p.grad without an optimizer); the loss."""
+    def forward_backward(self, ids=None, targets=None):
+        """One step's gradients (dp-averaged in p.grad without an optimizer); the loss. ``ids``
+        and ``targets``: part of this rank's shard (default all of it)."""
         from tandem.dp import all_reduce_grads
 
+        ids = self.ids if ids is None else ids
+        targets = self.targets if targets is None else targets
         if self.runner is not None:
             stage = self.modules[0]
-            return self.runner.step(self.ids if stage.is_first else None,
-                                    self.targets if stage.is_last else None)
-        loss = self.full(self.ids, self.targets)
+            return self.runner.step(ids if stage.is_first else None, targets if stage.is_last else None)
+        loss = self.full(ids, targets)
         (self.opt.scale_loss(loss) if self.opt is not None else loss).backward()
         if self.opt is None:
             all_reduce_grads(self.full.parameters(), self.mesh)

@@ -9,6 +9,9 @@
   torch.optim.AdamW on the twin to 1e-6 relative at dp=4, tp=2 x dp=2 and pp=2 x dp=2; the
   optimizer-state bytes of each rank are the total / dp up to the buckets' padding, measured
   on the state tensors; at pp=2 x dp=2 the parameters' all-gather overlaps the next step;
+- gradient accumulation with the distributed optimizer (no_sync() on all micro-steps but
+  the last, scale_grads) equals the twin's AdamW steps on the whole batch at dp=4 and
+  pp=2 x dp=2;
 - mixed precision at tp=2 x pp=2: bf16 masters are fp32; with fp16 an inf injected on one
   rank skips the step on every rank, leaves every weight untouched and halves the scale;
   gradients reduced over dp=4 in bf16 (reduce_dtype) match the twin's to bf16's precision;
@@ -130,6 +133,48 @@ def _adamw_cases(rank):
     return out
 
 
+def _accumulation_cases(rank):
+    """Gradient accumulation: each dp shard in 2 micro-steps, the first inside no_sync()
+    (the runner leaves the buckets unreduced), then scale_grads(1/2): the same 5 AdamW steps
+    as the twin on the whole batch, at dp=4 and at pp=2 x dp=2 (ZB-H1)."""
+    import tandem
+    from optim_utils import Setup, assert_relative, config, local_part, twin_adamw
+    from tandem.pipeline import ZeroBubbleH1
+
+    cfg = config(tie_embeddings=True)
+    want, want_losses = twin_adamw(cfg, STEPS, lr=LR, weight_decay=WD, max_norm=1.0)
+    out = {}
+    for tp, pp, dp in [(1, 1, 4), (1, 2, 2)]:
+        mesh = tandem.init_mesh(tp=tp, pp=pp, dp=dp)
+        what = f"accumulation pp={pp} dp={dp}"
+        setup = Setup(mesh, cfg, make_opt=_adamw(mesh), schedule=ZeroBubbleH1(2, 2) if pp > 1 else None)
+        opt, half = setup.opt, setup.ids.shape[0] // 2
+        losses, reduced_inside = [], []
+        for _ in range(STEPS):
+            opt.zero_grad()
+            total = 0.0
+            for micro in range(2):
+                rows = slice(micro * half, (micro + 1) * half)
+                if micro == 0:
+                    with opt.no_sync():
+                        total += setup.forward_backward(setup.ids[rows], setup.targets[rows]).item()
+                    reduced_inside.append(opt._grads_reduced)
+                else:
+                    total += setup.forward_backward(setup.ids[rows], setup.targets[rows]).item()
+            opt.scale_grads(0.5)
+            tandem.clip_grad_norm_(opt, 1.0)
+            assert opt.step()
+            losses.append(total / 2)
+        assert not any(reduced_inside), what
+        for got, exp in zip(losses, want_losses):
+            assert abs(got - exp) <= 1e-6 * abs(exp), (what, losses, want_losses)
+        opt.finish_param_gather()
+        out[what] = max(assert_relative(p, local_part(want[name], p, mesh), 1e-6, f"{what}: {name}")
+                        for name, p in setup.named.items())
+        setup.close()
+    return out
+
+
 def _mixed_precision_cases(rank):
     import tandem
     from optim_utils import Setup, config
@@ -246,7 +291,8 @@ def _checkpoint_cases(rank, path):
 
 
 def _worker(rank, world, path):
-    return {"clip": _clip_cases(rank), "adamw": _adamw_cases(rank), "mixed": _mixed_precision_cases(rank),
+    return {"clip": _clip_cases(rank), "adamw": _adamw_cases(rank), "accumulate": _accumulation_cases(rank),
+            "mixed": _mixed_precision_cases(rank),
             "recompute": _recompute_cases(rank), "checkpoint": _checkpoint_cases(rank, path)}
 
 
@@ -255,6 +301,7 @@ def test_optimizers_clipping_recomputation(tmp_path):
     for r in results:
         assert r["mixed"] == {"torch.bfloat16": True, "torch.float16": True}
         assert r["recompute"] is True and r["checkpoint"] is True
+        assert sorted(r["accumulate"]) == ["accumulation pp=1 dp=4", "accumulation pp=2 dp=2"]
         assert r["clip"] == results[0]["clip"]  # every rank: the same norm
         dp4 = r["adamw"]["AdamW tp=1 pp=1 dp=4"]
         assert 3.5 < dp4[1] / dp4[0] < 4.5, dp4  # a quarter of the state per rank at dp=4

@@ -1,7 +1,7 @@
 """`tandem train` as a long job, end to end on CPU: real text (prepare-data), validation,
 resume that continues bit for bit (tp=2 x pp=2 with --resume and gradient accumulation;
-pp=2 x dp=2 with the distributed optimizer after a rank is SIGKILLed and the group
-restarts), resume at another layout, a rank killed while a checkpoint is written (never
+pp=2 x dp=2 with the distributed optimizer and gradient accumulation after a rank is
+SIGKILLed and the group restarts; pp=2 in bf16), resume at another layout, a rank killed while a checkpoint is written (never
 loaded), the numbers each step reports, and bad data (exit code 2)."""
 
 import json
@@ -130,7 +130,9 @@ def test_resume_tp2_pp2_is_bitwise_and_moves_to_another_layout(tmp_path, text, c
 
 def test_a_killed_rank_restarts_and_continues_bitwise_pp2_dp2(tmp_path, text):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    zero1 = ["--zero1"]  # the distributed optimizer: its state sharded over dp in the checkpoints
+    # the distributed optimizer (its state sharded over dp in the checkpoints) with gradient
+    # accumulation: 2 passes of 4 sequences per dp rank, reduced over dp once per step
+    zero1 = ["--zero1", "--batch-size", "4", "--grad-accum", "2"]
     _, ms = _train(straight, text, "--pp", "2", "--dp", "2", *zero1, "--check")
     assert ms["check"]["max_loss_diff"] < 1e-5  # the same steps on one process, 16 sequences at once
     r, mk = _train(killed, text, "--pp", "2", "--dp", "2", *zero1, "--save-every", "10", "--max-restarts", "1",
@@ -140,6 +142,21 @@ def test_a_killed_rank_restarts_and_continues_bitwise_pp2_dp2(tmp_path, text):
     assert [s["step"] for s in mk["steps"]] == list(range(40))
     assert _losses(mk) == _losses(ms)  # steps 20-39 computed after the restart
     _assert_bitwise_equal(_tensors(straight / "checkpoint"), _tensors(killed / "checkpoint"))
+
+
+def test_bf16_resume_is_bitwise_pp2(tmp_path, text):
+    """bf16 parameters with fp32 masters (MixedPrecisionOptimizer): 10 steps straight equal
+    5 steps, a new process, --resume, 5 more; losses and every tensor (bf16 weights, fp32
+    masters and moments, RNG states) bitwise."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    bf16 = ["--pp", "2", "--precision", "bf16", "--save-every", "5"]
+    _, ma = _train(a, text, *bf16, steps=10)
+    assert all(s["stepped"] for s in ma["steps"])
+    _, mb = _train(b, text, *bf16, "--resume", str(a / "checkpoints" / "step-00000005"), steps=10)
+    assert mb["resumes"][0]["step"] == 5 and _losses(mb) == _losses(ma)
+    ta, tb = _tensors(a / "checkpoint"), _tensors(b / "checkpoint")
+    assert any(v.dtype == torch.bfloat16 for v in ta.values() if torch.is_tensor(v))
+    _assert_bitwise_equal(ta, tb)
 
 
 def test_bad_data_is_one_line_and_exit_code_2(tmp_path, text, capsys):

@@ -68,12 +68,24 @@ PEAK_TFLOPS = {
 
 def compute_dtype_name(dtype: torch.dtype) -> str:
     """The PEAK_TFLOPS column of GEMMs in ``dtype``: fp32 GEMMs count as tf32 when torch
-    lets cuBLAS use TF32 (``torch.backends.cuda.matmul.allow_tf32``)."""
+    lets cuBLAS use TF32 (see :func:`tf32_matmul`)."""
     if dtype == torch.bfloat16:
         return "bf16"
     if dtype == torch.float16:
         return "fp16"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    return "tf32" if tf32_matmul() else "fp32"
+
+
+def tf32_matmul() -> bool:
+    """Whether torch's fp32 matmuls on CUDA may use TF32. Read through the new API
+    (``torch.backends.cuda.matmul.fp32_precision``, which reflects the legacy
+    ``allow_tf32`` too) where torch has it: reading ``allow_tf32`` after a user set the new
+    API raises ("mix of the legacy and new APIs")."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        own = matmul.fp32_precision
+        return (own if own != "none" else getattr(torch.backends, "fp32_precision", "none")) == "tf32"
+    return bool(matmul.allow_tf32)
 
 
 def peak_tflops(device_name: str, dtype_name: str) -> Optional[float]:

@@ -93,7 +93,7 @@ def _reference_losses(args, cfg, job) -> list:
             loss = model(inputs, targets)
             loss.backward()
             total += loss.item()
-        _average_accumulated(model.parameters(), job.accum)
+        _average_accumulated(opt, model.parameters(), job.accum)
         if args.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         opt.step()
@@ -102,23 +102,38 @@ def _reference_losses(args, cfg, job) -> list:
     return losses
 
 
-def _average_accumulated(params, accum: int) -> None:
-    """Gradients summed over ``accum`` micro-steps -> their mean."""
-    if accum > 1:
-        for p in params:
-            if p.grad is not None:
-                p.grad.div_(accum)
+def _average_accumulated(opt, params, accum: int) -> None:
+    """Gradients summed over ``accum`` micro-steps -> their mean (a tandem optimizer's fp32
+    buffers, or ``param.grad``)."""
+    from tandem.optim import MixedPrecisionOptimizer
+
+    if accum == 1:
+        return
+    if isinstance(opt, MixedPrecisionOptimizer):
+        opt.scale_grads(1.0 / accum)
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad.div_(accum)
 
 
-def _micro_steps(job, step_fn, meter, mesh, step: int, params) -> float:
-    """Forward and backward of every micro-step of ``step``; returns the mean loss."""
+def _micro_steps(job, step_fn, meter, mesh, step: int, opt, params) -> float:
+    """Forward and backward of every micro-step of ``step``; returns the mean loss. A tandem
+    optimizer reduces its buckets over dp once, with the last micro-step."""
+    import contextlib
+
+    from tandem.optim import MixedPrecisionOptimizer
+
     total = 0.0
     for micro in range(job.accum):
         inputs, targets = job.batch(step, micro)
-        with meter.measure():  # the saved activations' peak
+        last = micro == job.accum - 1
+        accumulate = opt.no_sync() if isinstance(opt, MixedPrecisionOptimizer) and not last \
+            else contextlib.nullcontext()
+        with accumulate, meter.measure():  # the saved activations' peak
             loss = step_fn(inputs.to(mesh.device), targets.to(mesh.device))
         total += loss.item()
-    _average_accumulated(params, job.accum)
+    _average_accumulated(opt, params, job.accum)
     return total / job.accum
 
 
@@ -188,7 +203,7 @@ def train(args, cfg, tp: int, pp: int, dp: int) -> int:
     for step in range(start, args.steps):
         t0 = time.perf_counter()
         lr = job.before_step(step)
-        loss = _micro_steps(job, step_fn, report.meter, mesh, step, params)
+        loss = _micro_steps(job, step_fn, report.meter, mesh, step, opt, params)
         norm, stepped = _optimizer_step(args, opt, module, mesh)
         if memory is None:
             memory = _memory(opt, params)

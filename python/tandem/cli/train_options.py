@@ -67,9 +67,6 @@ def _check_numbers(args) -> None:
             raise common.UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise common.UsageError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
-    if args.grad_accum > 1 and (args.zero1 or args.precision != "fp32"):
-        raise common.UsageError("--grad-accum > 1 works with torch's AdamW only so far (--precision fp32, no "
-                                "--zero1); use more --microbatches or a larger --batch-size instead")
     if args.resume is not None and args.init_from is not None:
         raise common.UsageError("give --resume or --init-from, not both (a resumed run has its own weights)")
 

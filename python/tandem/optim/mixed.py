@@ -19,6 +19,7 @@ master gradients between the reduction and the step.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Iterable, Union
 
@@ -126,6 +127,7 @@ class MixedPrecisionOptimizer:
             inner_groups[0]["params"].append(torch.zeros(0))
         self.inner = optimizer_class(inner_groups, **optimizer_kwargs)
         self.reducer = None  # set by grad_reducer (a PipelineRunner's)
+        self.sync_grads = True  # False inside no_sync(): a runner leaves the buckets unreduced
         self._grads_reduced = self._prepared = False
         self._found_inf = False
         self._hooks = []
@@ -166,6 +168,26 @@ class MixedPrecisionOptimizer:
         for p in self.params:
             p.grad = None
         self._grads_reduced = self._prepared = self._found_inf = False
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Gradient accumulation: backward passes inside accumulate into the fp32 buffers
+        and a ``PipelineRunner`` does not reduce them over dp (as DDP's ``no_sync``); the
+        reduction comes with the last micro-step, outside, or at :meth:`step`. Reducing once
+        matters for the distributed optimizer: each reduce-scatter keeps only this rank's
+        shard summed, so a second one would add the other ranks' stale ranges."""
+        before, self.sync_grads = self.sync_grads, False
+        try:
+            yield
+        finally:
+            self.sync_grads = before
+
+    @torch.no_grad()
+    def scale_grads(self, factor: float) -> None:
+        """Multiply the accumulated fp32 gradients by ``factor`` (e.g. 1/k, the mean over k
+        micro-steps); before or after the dp reduction alike (it is linear)."""
+        for b in self.layout.buckets:
+            b.grad.mul_(factor)
 
     def reduce_grads(self) -> None:
         """Reduce the gradient buckets over dp, unless a runner did it this step."""

@@ -123,7 +123,8 @@ class PipelineRunner:
     starts during the stage's last backward, as soon as autograd finished each bucket.
     ``optimizer``: a ``tandem.optim`` MixedPrecisionOptimizer or DistributedOptimizer over
     the stages' parameters: gradients then accumulate in its fp32 buffers, its buckets
-    are all-reduced (reduce-scattered) over dp during the last backward, and each
+    are all-reduced (reduce-scattered) over dp during the last backward (not inside its
+    ``no_sync()``: gradient accumulation reduces with the last micro-step), and each
     microbatch's loss is multiplied by its loss scale before the backward (fp16).
 
     Messages travel over a C++ ``tandem.comm.StageLink`` (forward and backward traffic on
@@ -341,7 +342,7 @@ class PipelineRunner:
                          chunks_tg if ex.stage == last else None)
         except (ValueError, TypeError) as e:
             self._fail(f"{self.who}: step refused: {e}", e)
-        if train and self.reducer is not None:
+        if train and self._reducing():
             self.reducer.begin_step()
             for i, a in enumerate(self.lowered):
                 self._execute_reducing(i, a)
@@ -531,7 +532,7 @@ class PipelineRunner:
     def _all_reduce_dp(self) -> None:
         """Average over dp: wait for the buckets started during the backward, then the tied
         weights (their gradients were summed between stages after the last action)."""
-        if self.reducer is None:
+        if not self._reducing():
             return
         from tandem.dp import all_reduce_grads
 
@@ -540,6 +541,11 @@ class PipelineRunner:
                                                     self.timeout, host=host))
         if self.optimizer is None:  # the optimizer's buckets held the tied weights
             all_reduce_grads([param for *_, param in self._tied], self.mesh)
+
+    def _reducing(self) -> bool:
+        """Whether this step reduces gradients over dp: not inside the optimizer's
+        ``no_sync()`` (the micro-steps of gradient accumulation but the last)."""
+        return self.reducer is not None and (self.optimizer is None or self.optimizer.sync_grads)
 
     def _check_delivered(self) -> None:
         """The host check before the caller uses the result (steps its optimizer): on CUDA
