@@ -110,11 +110,14 @@ def test_train_init_from_starts_at_the_models_loss(hf_dir, tmp_path):
     (["--prompt-ids", "1 999"], "prompt token ids must be in [0, 256)"),
     (["--prompt", "a", "--prompt-ids", "1"], "give --prompt or --prompt-ids, not both"),
 ])
-def test_generate_bad_arguments(hf_dir, args, message):
+def test_generate_bad_arguments(hf_dir, args, message, capsys):
+    """In this process (no process starts for a bad argument)."""
+    from test_cli import in_process
+
     if "--model" not in args:
         args = ["--model", hf_dir, *args]
-    r = tandem("generate", *args, timeout=120)
-    assert r.returncode == 2 and message in r.stderr, r.stderr
+    code, err = in_process(["generate", *args], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_generate_without_a_tokenizer_is_a_clear_error(hf_dir, tmp_path):

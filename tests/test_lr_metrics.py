@@ -95,16 +95,22 @@ def test_memory_of_params_grads_adam_and_saved_activations():
 def test_tf32_is_read_through_the_api_torch_was_set_with():
     """MFU's peak column: fp32 GEMMs count as tf32 when torch allows TF32, whether the
     legacy flag or the new fp32_precision API set it (reading the legacy flag after the new
-    API raises in torch; each case in its own process, as the setting is global)."""
+    API raises in torch). The setting is global: one process of its own, legacy cases first."""
     import subprocess
     import sys
 
-    cases = {"": "fp32", "torch.backends.cuda.matmul.allow_tf32 = True": "tf32",
-             "torch.backends.cuda.matmul.fp32_precision = 'tf32'": "tf32",
-             "torch.backends.fp32_precision = 'tf32'": "tf32",
-             "torch.backends.fp32_precision = 'tf32'; torch.backends.cuda.matmul.fp32_precision = 'ieee'": "fp32"}
-    for setting, want in cases.items():
-        code = f"import torch; {setting}\nfrom tandem.metrics import compute_dtype_name\n" \
-               "print(compute_dtype_name(torch.float32), compute_dtype_name(torch.bfloat16))"
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0 and r.stdout.split() == [want, "bf16"], (setting, r.stdout, r.stderr[-2000:])
+    code = """
+import torch
+from tandem.metrics import compute_dtype_name as name
+m = torch.backends.cuda.matmul
+seen = [name(torch.float32)]
+m.allow_tf32 = True; seen.append(name(torch.float32))
+m.allow_tf32 = False; seen.append(name(torch.float32))
+m.fp32_precision = "tf32"; seen.append(name(torch.float32))
+m.fp32_precision = "none"; torch.backends.fp32_precision = "tf32"; seen.append(name(torch.float32))
+m.fp32_precision = "ieee"; seen.append(name(torch.float32))
+print(*seen, name(torch.bfloat16), name(torch.float16))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["fp32", "tf32", "fp32", "tf32", "tf32", "fp32", "bf16", "fp16"], r.stdout
