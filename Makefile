@@ -13,8 +13,10 @@ CMAKE_PY := -DPython3_EXECUTABLE=$(abspath $(PY))
 
 .PHONY: test build demo clean asan tsan
 
+# pytest on every core (pytest-xdist, a test file per worker: their module fixtures stay
+# shared), then the C++ tests.
 test: $(STAMP)/core
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile
 	$(MAKE) asan
 
 # C++ tests of the CPU-only core (no Python), instrumented; a sanitizer report fails them.
@@ -41,7 +43,7 @@ demo: $(STAMP)/core
 $(STAMP)/venv:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" numpy tqdm matplotlib pytest pytest-timeout ninja "setuptools>=77" wheel \
+	$(PY) -m pip install -q "$(TORCH)" numpy tqdm matplotlib pytest pytest-timeout pytest-xdist ninja "setuptools>=77" wheel \
 		safetensors==0.8.0 tokenizers==0.23.3 transformers==5.23.0
 	mkdir -p $(STAMP) && touch $@
 

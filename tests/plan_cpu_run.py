@@ -6,7 +6,6 @@ each schedule, recording every step's time and measured timeline, and measure th
 again (a shared machine's load drifts: the profile takes both).
 """
 
-import argparse
 import time
 
 import torch
@@ -18,7 +17,7 @@ BATCH, MICROBATCHES = 16, 4
 
 def train_and_time(rank, world, schedules, steps):
     import tandem
-    from tandem.cli import data
+    from tandem.cli import _parser, data
     from tandem.cli.train_loop import _build
     from tandem.models import GPTConfig
     from tandem.plan.calibrate import measure_rank
@@ -29,9 +28,11 @@ def train_and_time(rank, world, schedules, steps):
     cfg = GPTConfig(**MODEL)
     runs = {}
     for schedule in schedules:
-        args = argparse.Namespace(schedule=schedule, microbatches=MICROBATCHES, seed=0, lr=3e-3, timeout=120.0)
-        model, module, step_fn, timeline = _build(args, cfg, mesh)
-        opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=args.lr)
+        # `tandem train`'s own arguments (its parser's defaults), AdamW without clipping or decay
+        args = _parser().parse_args(["train", "--tp", "2", "--pp", "2", "--schedule", schedule, "--microbatches",
+                                     str(MICROBATCHES), "--seed", "0", "--lr", "3e-3", "--timeout", "120",
+                                     "--clip-grad", "0", "--weight-decay", "0"])
+        model, module, opt, step_fn, timeline, _ = _build(args, cfg, mesh)
         times, timelines = [], []
         for step in range(steps):
             dist.barrier()

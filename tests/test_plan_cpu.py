@@ -1,6 +1,11 @@
 """tandem plan against tandem's own runs on CPU: a profile calibrated on this machine
 predicts the step time of `tandem train` at tp=2 x pp=2 (1F1B and ZB-H1) within 25% and its
-bubble within 10% (relative), both measured as the median over the steps after warm-up."""
+bubble within 10% (relative), both measured as the median over the steps after warm-up.
+
+The calibration, the runs and the estimates always run (and are checked for what does not
+depend on the machine's speed); the timing bounds are asserted with TANDEM_TIMED_TESTS=1 on
+an idle machine: on the shared 2-core VM gloo's latencies drift 2-3x within a minute.
+`tandem plan --calibrate` itself is checked end to end (the profile it writes plans)."""
 
 import os
 import statistics
@@ -13,9 +18,9 @@ from plan_cpu_run import BATCH, MICROBATCHES, MODEL, train_and_time
 STEPS, WARMUP = 10, 2
 
 
-@pytest.mark.skipif(os.environ.get("TANDEM_TIMED_TESTS") != "1",
-                    reason="a timing check (wall-clock step times on this machine): run it on an idle machine "
-                    "with TANDEM_TIMED_TESTS=1; its results are recorded in benchmarks/RESULTS.md")
+TIMED = os.environ.get("TANDEM_TIMED_TESTS") == "1"
+
+
 def test_calibrated_cpu_profile_predicts_tandem_train():
     from tandem.models import GPTConfig
     from tandem.pipeline import TimelineRecord, bubble_fraction
@@ -39,5 +44,29 @@ def test_calibrated_cpu_profile_predicts_tandem_train():
                     f"cores shared: slowdown {est.slowdown:.2f}")
         if abs(t_gap) > 0.25 or abs(b_gap) > 0.10:
             failures.append(schedule)
+        assert measured > 0 and est.step_time > 0 and 0 < bubble < 1 and 0 < est.bubble < 1, rows[-1]
+    assert profile.kind == "cpu" and profile.activation_rate > 0 and profile.op_overhead > 0, profile
+    assert profile.intra_node_latency > 0 and profile.intra_node_bw > 0 and profile.cores_per_node >= 1, profile
     print("\n" + "\n".join(rows))
-    assert not failures, "\n".join(rows)
+    if TIMED:
+        assert not failures, "\n".join(rows)
+
+
+def test_plan_calibrate_writes_a_profile_that_plans(tmp_path):
+    """`tandem plan --calibrate OUT.json --nproc 2`, then `tandem plan --gpu OUT.json`."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "cpu.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "tandem", "plan", "--calibrate", str(out), "--nproc", "2"], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"wrote {out}" in r.stdout, r.stderr[-3000:]
+    fields = json.loads(out.read_text())
+    assert fields["kind"] == "cpu" and fields["peak_flops"]["fp32"] > 1e8 and fields["activation_rate"] > 0, fields
+    assert "calibrated on" in fields["source"], fields
+    from tandem.cli import main
+
+    assert main(["plan", "--model", json.dumps(MODEL), "--gpus", "4", "--gpus-per-node", "4", "--gpu", str(out),
+                 "--global-batch", "16", "--seq-len", "64", "--precision", "fp32", "--json"]) == 0

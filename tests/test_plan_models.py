@@ -218,6 +218,7 @@ def test_models_load_from_presets_gpt_configs_and_hugging_face(tmp_path):
 
     cfg = GPTConfig(vocab_size=256, max_seq_len=64, num_layers=2, hidden_size=64, num_heads=4)
     assert load_model(str(gpt)).num_params() == sum(p.numel() for p in GPT(cfg).parameters())
+    assert load_model(gpt.read_text()).num_params() == load_model(str(gpt)).num_params()  # inline, as train's --model
     hf = tmp_path / "llama"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({
@@ -226,7 +227,8 @@ def test_models_load_from_presets_gpt_configs_and_hugging_face(tmp_path):
         "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
         "tie_word_embeddings": False}))
     assert load_model(str(hf)).num_params() == load_model("llama3-8b").num_params()
-    for bad, why in [("no-such-model", "not a preset"), ({"layers": 2}, "neither a GPTConfig")]:
+    for bad, why in [("no-such-model", "not a preset"), ({"layers": 2}, "neither a GPTConfig"),
+                     ('{"num_layers": 2,', "not valid JSON")]:
         with pytest.raises(ValueError, match=why):
             load_model(bad)
     with pytest.raises(ValueError, match="not divisible by num_heads"):

@@ -11,10 +11,12 @@ host.py's part:
 - memory bandwidth: a large copy;
 - the operator overhead: a tiny tandem GPT block's forward and backward, whose time is
   all per-operator cost, over its operator count (framework.py);
+- the activation: tanh GeLU's forward per element (arithmetic-bound on a CPU);
 - fused attention: ``scaled_dot_product_attention`` forward and backward at two sizes (a
   fixed cost and a rate);
-- collectives: all-reduce of a small and a large tensor over pairs of ranks (as tp groups
-  run), one pair at a time, fitted to the alpha-beta model of collectives.py.
+- collectives: all-reduce of 4 B, 128 KB and 4 MB over pairs of ranks (as tp groups run)
+  through tandem's Communicator, one pair at a time, fitted to the alpha-beta model of
+  collectives.py (the latency from 4 B, the bandwidth by least squares on relative error).
 
 On a CPU the result is a "cpu" profile for ``--precision fp32``; the same code on one GPU
 per rank would time that GPU.
@@ -126,6 +128,9 @@ def _local(quick: bool) -> dict:
         block(x).sum().backward()
 
     out["tiny_block"] = _time(tiny)
+    # the activation's own pass (tanh GeLU, tandem's GPT's and GPT-2's): arithmetic-bound on a CPU
+    act = torch.randn(256, 512)
+    out["gelu_rate"] = act.numel() / _time(lambda: F.gelu(act, approximate="tanh"))
     # fused attention, forward and backward, at two sizes: a fixed cost and a rate
     out["attention"] = []
     for b, a, s_, hd in ((2, 2, 64, 32), (2, 4, 256, 32)):
@@ -151,15 +156,19 @@ def _measure(rank: int, world: int, quick: bool, cores: int | None = None) -> di
         dist.barrier()
         if rank // cores == turn:
             out.update(_local(quick))
-    # collectives over pairs of ranks (as tp groups), one pair at a time
+    # collectives over pairs of ranks (as tp groups), one pair at a time, through tandem's
+    # Communicator (what the TP modules call): 4 B, 128 KB (a small model's activation), 4 MB
+    from tandem.comm import Communicator
+
     pairs = [dist.new_group([r, r + 1]) for r in range(0, world - world % 2, 2)] if world > 1 else []
-    small, large = torch.zeros(1), torch.zeros(2**20)  # 4 B and 4 MB
     for i, group in enumerate(pairs):
         dist.barrier()
         if rank // 2 == i:
-            out["all_reduce_small"] = _time_fixed(lambda: dist.all_reduce(small, group=group), 20)
-            out["all_reduce_large"] = _time_fixed(lambda: dist.all_reduce(large, group=group), 4)
-            out["all_reduce_bytes"] = large.numel() * 4
+            comm = Communicator(group, torch.device("cpu"), timeout=120)
+            out["all_reduce"] = []
+            for numel, calls in ((1, 20), (2**15, 10), (2**20, 4)):
+                t = torch.zeros(numel)
+                out["all_reduce"].append((numel * 4, _time_fixed(lambda: comm.all_reduce(t).wait(), calls)))
     dist.barrier()
     return out
 
@@ -249,6 +258,7 @@ def profile_from_measurements(ranks: list[dict], *, nproc: int | None = None, na
     t0, rate, d0 = fit_gemm_curve(samples)
     copy_bw = statistics.median(r["copy_bw"] for r in ranks)
     tiny = statistics.median(r["tiny_block"] for r in ranks)
+    gelu_rate = statistics.median(r["gelu_rate"] for r in ranks)
     op = tiny / (2.5 * TANDEM.ops_per_layer)  # forward ops + 1.5x as much backward work
     # attention forward + backward (2.5x) = 3.5 (c0 + FLOPs / 2 / (rate * eff)) (causal: half)
     (f1, _), (f2, _) = ranks[0]["attention"]
@@ -258,19 +268,21 @@ def profile_from_measurements(ranks: list[dict], *, nproc: int | None = None, na
     att_fixed = max(0.0, (t1 - slope * f1) / 3.5)
     n = 2
     latency, bus = 20e-6, 1e9
-    timed = [r for r in ranks if "all_reduce_small" in r]
+    timed = [r for r in ranks if "all_reduce" in r]
     if timed:
-        small = statistics.median(r["all_reduce_small"] for r in timed)
-        large = statistics.median(r["all_reduce_large"] for r in timed)
-        latency = small / (2 * (n - 1))
-        nbytes = timed[0]["all_reduce_bytes"]
-        bus = nbytes * 2 * (n - 1) / n / max(large - small, 1e-9)
+        sizes = [(nbytes, statistics.median(r["all_reduce"][i][1] for r in timed))
+                 for i, (nbytes, _) in enumerate(timed[0]["all_reduce"])]
+        latency = sizes[0][1] / (2 * (n - 1))
+        # 1/bus by least squares on relative error over the larger sizes, the latency fixed
+        rows = [(nbytes * 2 * (n - 1) / n / t, 1 - 2 * (n - 1) * latency / t) for nbytes, t in sizes[1:]]
+        inverse = sum(a * b for a, b in rows) / sum(a * a for a, _ in rows)
+        bus = 1 / max(inverse, 1e-15)
     memory = _total_memory() / nproc
     source = (f"calibrated on {os.uname().nodename} with {nproc} ranks, {ranks[0]['cores']} at a time, "
               f"{time.strftime('%Y-%m-%d')}; "
               f"GEMM fp32 rate {rate / 1e9:.1f} GFLOP/s, d0 {d0:g}, t0 {t0 * 1e6:.1f} us "
               f"(fitted on {len(samples)} shapes); copy {copy_bw / 1e9:.2f} GB/s; operator overhead "
-              f"{op * 1e6:.1f} us; attention {att_eff:.2f} of the GEMM rate + {att_fixed * 1e6:.0f} us; all-reduce over 2 ranks: "
+              f"{op * 1e6:.1f} us; GeLU {1e9 / gelu_rate:.2f} ns per element; attention {att_eff:.2f} of the GEMM rate + {att_fixed * 1e6:.0f} us; all-reduce over 2 ranks: "
               f"latency {latency * 1e6:.0f} us per step, bus {bus / 1e9:.2f} GB/s")
     return DeviceProfile(
         name=name or f"cpu-{nproc}ranks", kind="cpu", peak_flops={"fp32": rate}, memory_bytes=memory,
@@ -278,4 +290,4 @@ def profile_from_measurements(ranks: list[dict], *, nproc: int | None = None, na
         inter_node_latency=latency, gemm_efficiency=1.0, gemm_half_dim=d0, gemm_overhead=t0,
         attention_efficiency=max(att_eff, 1e-3), attention_overhead=att_fixed, memory_efficiency=1.0, intra_node_efficiency=1.0,
         inter_node_efficiency=1.0, op_overhead=op, reserve_bytes=0.5 * 2**30, gpus_per_node=nproc,
-        fused_gelu=False, cores_per_node=ranks[0]["cores"], source=source)
+        fused_gelu=False, activation_rate=gelu_rate, cores_per_node=ranks[0]["cores"], source=source)

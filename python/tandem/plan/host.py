@@ -5,9 +5,11 @@ compute at the same time share the cores: with c of them running on k cores, eac
 k/c of a core. How many run at once comes from the simulated step itself: n(t) pipeline
 ranks compute at time t, each standing for tp x dp processes, and the work sees the
 work-weighted mean c = tp dp (integral of n(t)^2 dt) / (integral of n(t) dt) (work done
-when many compute is slowed the most). Every action's compute is stretched by
-s = max(1, c/k) (communication is waiting and is not stretched); the pipeline is simulated
-again with the stretched costs, c recounted, until s settles. GPUs (one per rank) are never
+when many compute is slowed the most). Every action is stretched by s = max(1, c/k), its TP collectives too: on a CPU a
+collective's latency is host work (gloo's threads on both ends), and a gloo all-reduce of
+4 bytes between two ranks took 350-500 us with one pair running and 580-740 us with both
+pairs of a tp=2 x pp=2 job on 2 cores (2026-12-07). The pipeline is simulated again with
+the stretched costs, c recounted, until s settles. GPUs (one per rank) are never
 shared: s = 1.
 """
 
@@ -27,10 +29,10 @@ def sharing_ranks(profile, layout, gpus_per_node: int) -> int:
 
 
 def stretched_costs(stages, p2p: float, s: float) -> dict[int, Costs]:
-    """Per-stage simulator costs with compute stretched by ``s`` (TP collectives as they are)."""
+    """Per-stage simulator costs with every action stretched by ``s`` (its TP collectives too)."""
     out = {}
     for i, st in enumerate(stages):
-        F, B, W = (a.total + (s - 1.0) * (a.total - a.tp_comm) for a in (st.F, st.B, st.W))
+        F, B, W = (s * a.total for a in (st.F, st.B, st.W))
         out[i] = Costs(F=F, B=B, W=W, comm=p2p)
     return out
 

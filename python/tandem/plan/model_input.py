@@ -51,7 +51,7 @@ def _from_gpt_config(fields_: dict, name: str) -> ModelSpec:
 
 def load_model(model) -> ModelSpec:
     """A ModelSpec from ``model``: a ModelSpec, a tandem ``GPTConfig``, a preset name (see
-    ``tandem.plan.presets.PRESETS``), a path to a JSON file (a GPTConfig's fields, a Hugging
+    ``tandem.plan.presets.PRESETS``), inline JSON, a path to a JSON file (a GPTConfig's fields, a Hugging
     Face config.json, or a ModelSpec's fields) or to a directory holding config.json, or
     a dict of any of those fields."""
     if isinstance(model, ModelSpec):
@@ -59,6 +59,11 @@ def load_model(model) -> ModelSpec:
     if type(model).__name__ == "GPTConfig":
         return _from_gpt_config(dict(model.__dict__), "GPTConfig")
     name = "model"
+    if isinstance(model, str) and model.lstrip().startswith("{"):  # inline JSON, as `tandem train --model`
+        try:
+            model = json.loads(model)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model: not valid JSON ({e})") from None
     if isinstance(model, str):
         if model in PRESETS:
             return PRESETS[model]

@@ -62,6 +62,10 @@ class DeviceProfile:
     """memory kept back: CUDA context, NCCL and cuBLAS buffers, allocator fragmentation"""
     fused_gelu: bool = True
     """GeLU runs in the GEMM's epilogue (cuBLASLt); False: a separate pass (CPU)"""
+    activation_rate: float = 0.0
+    """elements per second of a separate activation pass (GeLU's forward), when it is bound
+    by arithmetic rather than memory (a CPU's tanh GeLU: ~3.6 ns per element, 10x its
+    bytes' time); 0: memory-bound, its bytes count"""
     cores_per_node: int | None = None
     """CPU profiles: cores the ranks of one host share (more ranks than cores slow each
     other: host.py); None for GPUs"""
@@ -83,7 +87,7 @@ class DeviceProfile:
         for name in ("memory_bytes", "memory_bw", "intra_node_bw", "inter_node_bw", "gemm_half_dim"):
             _positive(self.name, name, getattr(self, name), allow_zero=name == "gemm_half_dim")
         for name in ("intra_node_latency", "inter_node_latency", "gemm_overhead", "op_overhead", "reserve_bytes",
-                     "attention_overhead"):
+                     "attention_overhead", "activation_rate"):
             _positive(self.name, name, getattr(self, name), allow_zero=True)
         for name in ("gemm_efficiency", "attention_efficiency", "memory_efficiency", "intra_node_efficiency",
                      "inter_node_efficiency"):

@@ -102,7 +102,10 @@ def _elementwise(profile, framework, model, *, s, b, tp, sp, e) -> float:
     nbytes = (e * (framework.replicated_passes * rep + framework.tp_passes * s * b * h / tp
                    + ffn_passes * s * b * f / tp + framework.score_passes * a * s * s * b / tp)
               + framework.mask_bytes * rep + framework.score_mask_bytes * a * s * s * b / tp)
-    return memory_time(profile, nbytes, kernels=framework.ops_per_layer)
+    arithmetic = 0.0
+    if not profile.fused_gelu and profile.activation_rate > 0:  # the activation, bound by its arithmetic
+        arithmetic = s * b * f / tp / profile.activation_rate
+    return memory_time(profile, nbytes, kernels=framework.ops_per_layer) + arithmetic
 
 
 def _block_comm(model, *, s, b, tp, sp, e, link) -> tuple[float, float]:
