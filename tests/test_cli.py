@@ -243,3 +243,21 @@ def test_text_timeline_keeps_every_action_visible():
     many = [rec(0, "F", m, m * 0.1, m * 0.1 + 0.1) for m in range(10)] + [rec(0, "B", 0, 1, 100)]
     line = text_timeline(many, width=20).splitlines()[0].split("|")[1]
     assert line.startswith("0123456789a") and len(line) >= 20, line
+
+
+def test_the_last_step_starts_at_stage_0s_first_forward():
+    """make demo's picture is the last step: it begins with stage 0's F0, not with the send
+    of its output (SEND_F0 also ends in "F")."""
+    from tandem.cli.outputs import _last_step, text_timeline
+    from tandem.pipeline import ActionKind as K
+    from tandem.pipeline import TimelineRecord
+
+    rows = []
+    for step, t in enumerate((0.0, 1.0)):
+        rows += [TimelineRecord(0, 0, K.F, 0, t, t + 0.1), TimelineRecord(0, 0, K.SEND_F, 0, t + 0.1, t + 0.11),
+                 TimelineRecord(1, 1, K.RECV_F, 0, t, t + 0.01), TimelineRecord(1, 1, K.F, 0, t + 0.12, t + 0.3),
+                 TimelineRecord(1, 1, K.B, 0, t + 0.3, t + 0.5), TimelineRecord(0, 0, K.B, 0, t + 0.5, t + 0.7)]
+    last = _last_step(rows)
+    assert len(last) == 6 and min(r.start_s for r in last) == 0.0
+    assert (0, K.F, 0.0) in {(r.rank, r.kind, r.start_s) for r in last}
+    assert text_timeline(last, width=20).splitlines()[0].split("|")[1].startswith("00")

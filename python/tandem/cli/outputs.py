@@ -31,9 +31,14 @@ def _last_step(rows: list) -> list:
     """The records of the last step (a picture of all steps is unreadable)."""
     if not rows:
         return rows
-    firsts = sorted({r.start_s for r in rows if r.stage == 0 and r.microbatch == 0 and str(r.kind).endswith("F")})
+    firsts = sorted({r.start_s for r in rows if r.stage == 0 and r.microbatch == 0 and _kind(r) == "F"})
     begin = firsts[-1] if firsts else 0.0
     return [r._replace(start_s=r.start_s - begin, end_s=r.end_s - begin) for r in rows if r.start_s >= begin]
+
+
+def _kind(record) -> str:
+    """"F", "B", "W", "SEND_F", ... of a record (an ActionKind, or its name from a step record)."""
+    return str(getattr(record.kind, "value", record.kind))
 
 
 def text_timeline(rows: list, width: int = 72) -> str:
@@ -51,8 +56,7 @@ def text_timeline(rows: list, width: int = 72) -> str:
         cells = ["."] * width
         free = 0  # the first cell no action of this rank has taken
         for r in sorted((r for r in rows if r.rank == rank), key=lambda r: (r.start_s, r.end_s)):
-            kind = str(getattr(r.kind, "value", r.kind))
-            base = {"F": "0", "B": "a", "W": "A"}.get(kind)
+            base = {"F": "0", "B": "a", "W": "A"}.get(_kind(r))
             if base is None:
                 continue
             lo = max(int(r.start_s / span * width), free)
