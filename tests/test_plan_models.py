@@ -266,3 +266,34 @@ def test_frameworks_differ_where_documented():
     assert TANDEM.attention == "flash" and not TANDEM.dropout and TANDEM.sequence_parallel
     assert MEGATRON_SC21.attention == "unfused" and MEGATRON_SC21.dropout
     assert "zb-h1" not in MEGATRON_SC21.schedules
+
+
+def test_measured_pair_all_reduce_table():
+    """A calibrated CPU profile's all-reduce times over 2 ranks: groups of 2 inside a node
+    interpolate them (log-log; all-gather and reduce-scatter half), larger groups keep the
+    alpha-beta model; the table is checked and survives JSON."""
+    import dataclasses
+    import math
+
+    from tandem.plan import collectives as coll
+    from tandem.plan.profiles import DeviceProfile
+
+    base = load_profile("H100-SXM")
+    table = ((4.0, 300e-6), (131072.0, 1.2e-3), (4194304.0, 5e-3))
+    prof = dataclasses.replace(base, pair_all_reduce=[list(row) for row in table])  # as JSON gives it
+    assert prof.pair_all_reduce == table
+    link = coll.group_link(prof, size=2, stride=1, gpus_per_node=8)
+    assert coll.all_reduce_time(131072, 2, link) == pytest.approx(1.2e-3)
+    assert coll.all_reduce_time(2, 2, link) == pytest.approx(300e-6)  # below the table: its first time
+    mid = math.sqrt(4.0 * 131072)  # halfway in log: the geometric mean of the times
+    assert coll.all_reduce_time(mid, 2, link) == pytest.approx(math.sqrt(300e-6 * 1.2e-3))
+    assert coll.all_reduce_time(8388608, 2, link) == pytest.approx(5e-3 + 4194304 / link.bandwidth)
+    assert coll.all_gather_time(131072, 2, link) == pytest.approx(0.6e-3)
+    assert coll.reduce_scatter_time(131072, 2, link) == pytest.approx(0.6e-3)
+    four = coll.group_link(prof, size=4, stride=1, gpus_per_node=8)
+    assert coll.all_reduce_time(131072, 4, four) == coll.all_reduce_time(
+        131072, 4, coll.group_link(base, size=4, stride=1, gpus_per_node=8))
+    assert load_profile(json.loads(prof.to_json())).pair_all_reduce == table
+    for bad in (((4.0, 1e-3), (4.0, 2e-3)), ((0.0, 1e-3),), ((4.0, -1.0),)):
+        with pytest.raises(ValueError, match="pair_all_reduce"):
+            DeviceProfile(**{**dataclasses.asdict(base), "pair_all_reduce": bad})

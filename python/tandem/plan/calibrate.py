@@ -14,9 +14,10 @@ host.py's part:
 - the activation: tanh GeLU's forward per element (arithmetic-bound on a CPU);
 - fused attention: ``scaled_dot_product_attention`` forward and backward at two sizes (a
   fixed cost and a rate);
-- collectives: all-reduce of 4 B, 128 KB and 4 MB over pairs of ranks (as tp groups run)
-  through tandem's Communicator, one pair at a time, fitted to the alpha-beta model of
-  collectives.py (the latency from 4 B, the bandwidth by least squares on relative error).
+- collectives: all-reduce of 4 B to 4 MB over pairs of ranks (as tp groups run) through
+  tandem's Communicator, one pair at a time: the table itself (``pair_all_reduce``, which
+  groups of 2 interpolate) and the alpha-beta model of collectives.py fitted to it (the
+  latency from 4 B, the bandwidth by least squares on relative error) for larger groups.
 
 On a CPU the result is a "cpu" profile for ``--precision fp32``; the same code on one GPU
 per rank would time that GPU.
@@ -157,7 +158,7 @@ def _measure(rank: int, world: int, quick: bool, cores: int | None = None) -> di
         if rank // cores == turn:
             out.update(_local(quick))
     # collectives over pairs of ranks (as tp groups), one pair at a time, through tandem's
-    # Communicator (what the TP modules call): 4 B, 128 KB (a small model's activation), 4 MB
+    # Communicator (what the TP modules call): 4 B to 4 MB (a small model's activations: 32 KB-1 MB)
     from tandem.comm import Communicator
 
     pairs = [dist.new_group([r, r + 1]) for r in range(0, world - world % 2, 2)] if world > 1 else []
@@ -166,7 +167,7 @@ def _measure(rank: int, world: int, quick: bool, cores: int | None = None) -> di
         if rank // 2 == i:
             comm = Communicator(group, torch.device("cpu"), timeout=120)
             out["all_reduce"] = []
-            for numel, calls in ((1, 20), (2**15, 10), (2**20, 4)):
+            for numel, calls in ((1, 20), (2**13, 10), (2**15, 10), (2**17, 6), (2**20, 4)):
                 t = torch.zeros(numel)
                 out["all_reduce"].append((numel * 4, _time_fixed(lambda: comm.all_reduce(t).wait(), calls)))
     dist.barrier()
@@ -267,7 +268,7 @@ def profile_from_measurements(ranks: list[dict], *, nproc: int | None = None, na
     att_eff = min(1.0, 3.5 / (2 * slope * rate))
     att_fixed = max(0.0, (t1 - slope * f1) / 3.5)
     n = 2
-    latency, bus = 20e-6, 1e9
+    latency, bus, measured_pairs = 20e-6, 1e9, ()
     timed = [r for r in ranks if "all_reduce" in r]
     if timed:
         sizes = [(nbytes, statistics.median(r["all_reduce"][i][1] for r in timed))
@@ -277,6 +278,7 @@ def profile_from_measurements(ranks: list[dict], *, nproc: int | None = None, na
         rows = [(nbytes * 2 * (n - 1) / n / t, 1 - 2 * (n - 1) * latency / t) for nbytes, t in sizes[1:]]
         inverse = sum(a * b for a, b in rows) / sum(a * a for a, _ in rows)
         bus = 1 / max(inverse, 1e-15)
+        measured_pairs = tuple(sizes)
     memory = _total_memory() / nproc
     source = (f"calibrated on {os.uname().nodename} with {nproc} ranks, {ranks[0]['cores']} at a time, "
               f"{time.strftime('%Y-%m-%d')}; "
@@ -290,4 +292,4 @@ def profile_from_measurements(ranks: list[dict], *, nproc: int | None = None, na
         inter_node_latency=latency, gemm_efficiency=1.0, gemm_half_dim=d0, gemm_overhead=t0,
         attention_efficiency=max(att_eff, 1e-3), attention_overhead=att_fixed, memory_efficiency=1.0, intra_node_efficiency=1.0,
         inter_node_efficiency=1.0, op_overhead=op, reserve_bytes=0.5 * 2**30, gpus_per_node=nproc,
-        fused_gelu=False, activation_rate=gelu_rate, cores_per_node=ranks[0]["cores"], source=source)
+        fused_gelu=False, activation_rate=gelu_rate, pair_all_reduce=measured_pairs, cores_per_node=ranks[0]["cores"], source=source)

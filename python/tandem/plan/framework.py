@@ -63,6 +63,9 @@ class Framework:
     """bytes of dropout masks written per [b, a/tp, s, s] element"""
     ops_per_layer: int
     """kernels (GPU) or operator calls (CPU) of one block's forward; backward twice that"""
+    wgrad_ops_per_linear: int = 0
+    """kernels or operator calls of each linear layer's weight gradient beside its GEMM (whose
+    own launch is the GEMM's overhead): in the W of a split backward"""
     schedules: tuple = ("1f1b", "interleaved", "zb-h1")
     """the pipeline schedules it runs (what the search enumerates)"""
     sequence_parallel: bool = True
@@ -80,7 +83,9 @@ TANDEM = Framework(
     replicated_passes=14.0, tp_passes=0.0,
     ffn_passes=0.0,  # GeLU in the GEMM's epilogue (CUDA); a separate pass (2) where the
     # profile says fused_gelu=False (CPU)
-    score_passes=0.0, mask_bytes=0.0, score_mask_bytes=0.0, ops_per_layer=16)
+    score_passes=0.0, mask_bytes=0.0, score_mask_bytes=0.0, ops_per_layer=16,
+    # the bias gradient's reduction, the weight gradient's accumulation into .grad / main_grad
+    wgrad_ops_per_linear=2)
 
 MEGATRON_SC21 = Framework(
     name="megatron-sc21", attention="unfused", dropout=True, saved="megatron", tp_backward_overlap=False,
@@ -91,6 +96,7 @@ MEGATRON_SC21 = Framework(
     ffn_passes=2.0,  # fused bias + GeLU: read and write [b, s, f/tp]
     score_passes=4.0, score_mask_bytes=1.0,  # fused scale-mask-softmax 2, dropout 2 and its mask
     ops_per_layer=20,
+    wgrad_ops_per_linear=1,  # the bias gradient; gradient accumulation fused into the GEMM
     # Megatron-LM as of the paper: 1F1B and interleaved 1F1B, full recomputation; selective
     # recomputation, sequence parallelism and the distributed optimizer came later (2022)
     schedules=("1f1b", "interleaved"), sequence_parallel=False, distributed_optimizer=False,

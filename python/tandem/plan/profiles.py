@@ -62,6 +62,11 @@ class DeviceProfile:
     """memory kept back: CUDA context, NCCL and cuBLAS buffers, allocator fragmentation"""
     fused_gelu: bool = True
     """GeLU runs in the GEMM's epilogue (cuBLASLt); False: a separate pass (CPU)"""
+    pair_all_reduce: tuple = ()
+    """measured ((bytes, seconds), ...) of an all-reduce over 2 ranks of one node, by
+    increasing size (calibrated CPU profiles): such all-reduces (and all-gathers and
+    reduce-scatters, half as long) interpolate it. gloo's cost is not alpha-beta: 128 KB
+    takes 3x what a fit to 4 B and 4 MB says. Empty: the alpha-beta model"""
     activation_rate: float = 0.0
     """elements per second of a separate activation pass (GeLU's forward), when it is bound
     by arithmetic rather than memory (a CPU's tanh GeLU: ~3.6 ns per element, 10x its
@@ -99,6 +104,12 @@ class DeviceProfile:
                                                 not isinstance(self.cores_per_node, int) or self.cores_per_node < 1):
             raise ValueError(f"DeviceProfile {self.name!r}: cores_per_node must be None or an int >= 1, "
                              f"got {self.cores_per_node!r}")
+        table = tuple((float(b), float(t)) for b, t in self.pair_all_reduce)
+        if any(b <= 0 or t <= 0 or not (math.isfinite(b) and math.isfinite(t)) for b, t in table) or \
+                any(b1 >= b2 for (b1, _), (b2, _) in zip(table, table[1:])):
+            raise ValueError(f"DeviceProfile {self.name!r}: pair_all_reduce must be (bytes, seconds) pairs > 0 "
+                             f"by increasing bytes, got {self.pair_all_reduce!r}")
+        object.__setattr__(self, "pair_all_reduce", table)  # a JSON list becomes the tuple
         if not isinstance(self.fused_gelu, bool):
             raise ValueError(f"DeviceProfile {self.name!r}: fused_gelu must be true or false, got {self.fused_gelu!r}")
         if isinstance(self.gpus_per_node, bool) or not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 1:

@@ -132,7 +132,8 @@ def _block(model, profile, framework, *, s, b, tp, sp, recompute, dtype, e, link
     F = ActionCost(gemm=g_fwd, attention=a_fwd, elementwise=ew, tp_comm=c_fwd)
     redo = {"none": 0.0, "selective": a_fwd, "full": F.total}[recompute]
     B = ActionCost(gemm=g_bwd, attention=a_bwd, elementwise=1.5 * ew, tp_comm=c_bwd, recompute=redo)
-    W = ActionCost(gemm=g_w)
+    linears = sum(1 for g in gemms if not g.core)
+    W = ActionCost(gemm=g_w, elementwise=memory_time(profile, 0, kernels=framework.wgrad_ops_per_linear * linears))
     return F, B, W
 
 
