@@ -261,3 +261,18 @@ def test_bubble_fraction_of_a_measured_timeline():
     assert bubble_fraction(shifted) == pytest.approx(result.bubble_fraction)
     with pytest.raises(ValueError, match="no F, B or W record"):
         bubble_fraction([])
+
+
+def test_schedules_by_name():
+    """The names `tandem train --schedule` and `tandem plan` take, in one place."""
+    from tandem.cli.train_options import SCHEDULES as TRAIN_NAMES
+    from tandem.pipeline.schedules import SCHEDULES as BY_NAME
+    from tandem.pipeline.schedules import schedule_by_name
+
+    assert sorted(TRAIN_NAMES) == sorted(BY_NAME)
+    for name, cls in BY_NAME.items():
+        sched = schedule_by_name(name, 2, 4)
+        assert type(sched) is cls and sched.num_microbatches == 4
+    assert schedule_by_name("interleaved", 2, 4, virtual_stages=3).num_stages == 6
+    with pytest.raises(ValueError, match="unknown schedule '2f2b'"):
+        schedule_by_name("2f2b", 2, 4)

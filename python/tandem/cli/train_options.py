@@ -10,7 +10,7 @@ __all__ = ["add_options", "validate_job", "KILL_ENV", "VALIDATED_ENV"]
 
 KILL_ENV = "TANDEM_TEST_KILL"  # tests only: "RANK:STEP" or "RANK:STEP:save" (see train_job)
 VALIDATED_ENV = "TANDEM_TRAIN_VALIDATED"  # set for the workers of a self-launch: the data was checked
-SCHEDULES = {"gpipe": "GPipe", "1f1b": "OneFOneB", "interleaved": "Interleaved1F1B", "zb-h1": "ZeroBubbleH1"}
+SCHEDULES = ("1f1b", "gpipe", "interleaved", "zb-h1")  # tandem.pipeline.schedules.SCHEDULES' names
 
 
 def add_options(p) -> None:
@@ -73,12 +73,9 @@ def _check_numbers(args) -> None:
 
 def schedule_for(name: str, pp: int, microbatches: int):
     """The pipeline schedule --schedule names, for pp stages (interleaved: 2 per rank)."""
-    from tandem import pipeline
+    from tandem.pipeline.schedules import schedule_by_name
 
-    cls = getattr(pipeline, SCHEDULES[name])
-    if name == "interleaved":
-        return cls(pp, microbatches, virtual_stages=2)
-    return cls(pp, microbatches)
+    return schedule_by_name(name, pp, microbatches, virtual_stages=2)
 
 
 def schedule(args):

@@ -11,7 +11,7 @@ import abc
 
 from tandem.pipeline.ir import Action, ActionKind, StageLayout
 
-__all__ = ["Schedule", "GPipe", "OneFOneB", "Interleaved1F1B", "ZeroBubbleH1"]
+__all__ = ["Schedule", "GPipe", "OneFOneB", "Interleaved1F1B", "ZeroBubbleH1", "SCHEDULES", "schedule_by_name"]
 
 F, B, W = ActionKind.F, ActionKind.B, ActionKind.W
 
@@ -196,3 +196,16 @@ class ZeroBubbleH1(Schedule):
                 out.append(Action(rank, F, j + ahead))
         out += [Action(rank, W, i) for i in range(max(m - rank, 0), m)]
         return out
+
+
+SCHEDULES = {"gpipe": GPipe, "1f1b": OneFOneB, "interleaved": Interleaved1F1B, "zb-h1": ZeroBubbleH1}
+"""The schedules by the names `tandem train --schedule` and `tandem plan` use."""
+
+
+def schedule_by_name(name: str, num_stages: int, num_microbatches: int, *, virtual_stages: int = 2) -> Schedule:
+    """``SCHEDULES[name]`` over ``num_stages`` ranks (interleaved: ``virtual_stages`` per rank)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}: one of {', '.join(SCHEDULES)}")
+    if name == "interleaved":
+        return Interleaved1F1B(num_stages, num_microbatches, virtual_stages=virtual_stages)
+    return SCHEDULES[name](num_stages, num_microbatches)

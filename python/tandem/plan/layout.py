@@ -133,16 +133,9 @@ def stage_blocks(num_layers: int, num_stages: int) -> list[int]:
 def build_schedule(layout: Layout, num_microbatches: int):
     """The tandem.pipeline Schedule of ``layout`` (pp = 1: one stage, 1F1B over the
     microbatches, which is plain gradient accumulation)."""
-    from tandem import pipeline as P
+    from tandem.pipeline.schedules import schedule_by_name
 
-    p, m = layout.pp, num_microbatches
-    if layout.schedule == "interleaved":
-        return P.Interleaved1F1B(p, m, virtual_stages=layout.virtual_stages)
-    if layout.schedule == "zb-h1":
-        return P.ZeroBubbleH1(p, m)
-    if layout.schedule == "gpipe":
-        return P.GPipe(p, m)
-    return P.OneFOneB(p, m)
+    return schedule_by_name(layout.schedule, layout.pp, num_microbatches, virtual_stages=layout.virtual_stages)
 
 
 def layout_problems(layout: Layout, model, *, num_gpus: int, gpus_per_node: int, global_batch: int,
