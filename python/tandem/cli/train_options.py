@@ -5,12 +5,14 @@ starts (bad input: one line, exit code 2)."""
 import os
 
 from tandem.cli import common
+from tandem.pipeline.schedules import SCHEDULES as _BY_NAME
+from tandem.pipeline.schedules import schedule_by_name
 
 __all__ = ["add_options", "validate_job", "KILL_ENV", "VALIDATED_ENV"]
 
 KILL_ENV = "TANDEM_TEST_KILL"  # tests only: "RANK:STEP" or "RANK:STEP:save" (see train_job)
 VALIDATED_ENV = "TANDEM_TRAIN_VALIDATED"  # set for the workers of a self-launch: the data was checked
-SCHEDULES = ("1f1b", "gpipe", "interleaved", "zb-h1")  # tandem.pipeline.schedules.SCHEDULES' names
+SCHEDULES = tuple(sorted(_BY_NAME))  # --schedule's names
 
 
 def add_options(p) -> None:
@@ -73,8 +75,6 @@ def _check_numbers(args) -> None:
 
 def schedule_for(name: str, pp: int, microbatches: int):
     """The pipeline schedule --schedule names, for pp stages (interleaved: 2 per rank)."""
-    from tandem.pipeline.schedules import schedule_by_name
-
     return schedule_by_name(name, pp, microbatches, virtual_stages=2)
 
 

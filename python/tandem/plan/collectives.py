@@ -44,7 +44,7 @@ def group_link(profile, *, size: int, stride: int, gpus_per_node: int) -> Link:
     intra = profile.intra_node_bw * profile.intra_node_efficiency
     span = (size - 1) * stride + 1
     if size <= 1 or span <= gpus_per_node:
-        return Link(intra, profile.intra_node_latency, False, getattr(profile, "pair_all_reduce", ()))
+        return Link(intra, profile.intra_node_latency, False, profile.pair_all_reduce)
     per_node = max(1, min(size, gpus_per_node // stride)) if stride < gpus_per_node else 1
     inter = profile.inter_node_bw * profile.inter_node_efficiency * per_node
     return Link(min(intra, inter), profile.inter_node_latency, True)
