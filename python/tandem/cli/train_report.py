@@ -122,7 +122,8 @@ class Reporter:
         mem = self.memory()
         if self.peak_memory is None or mem["peak"] >= self.peak_memory["peak"]:
             self.peak_memory = mem  # the breakdown at this rank's peak (gradients included)
-        peak = torch.tensor([float(mem["peak"])], dtype=torch.float64)
+        # on the mesh's device: NCCL (the default group on GPUs) reduces CUDA tensors only
+        peak = torch.tensor([float(mem["peak"])], dtype=torch.float64, device=self.mesh.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # (1,) over every rank
         if not self.rank0:
