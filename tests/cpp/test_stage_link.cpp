@@ -118,6 +118,23 @@ void early_posted(const Rank& r) {
   }
 }
 
+// Expects `f` to raise a CommError other than a CommTimeout (the wait ended early, as it
+// must) whose message holds every one of `parts`, within `limit_s` seconds.
+template <class F>
+void expect_early_error(F&& f, const std::vector<std::string>& parts, double limit_s = 5.0) {
+  const auto start = testing::Clock::now();
+  try {
+    f();
+    ADD_FAILURE() << "did not throw";
+  } catch (const CommTimeout& e) {
+    ADD_FAILURE() << "waited until the timeout: " << e.what();
+  } catch (const CommError& e) {
+    const std::string msg = e.what();
+    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "\"" << p << "\" not in: " << msg;
+  }
+  EXPECT_LT(seconds_since(start), limit_s);
+}
+
 TEST(StageLink, EarlyPostedReceivesWaitedOutOfOrder) { run_ranks(3, early_posted); }
 
 // A later tensor of another shape in static mode: the sender raises a clear error and posts
@@ -136,18 +153,8 @@ TEST(StageLink, TheErrorBoardCarriesTheSendersErrorToTheReceiver) {
     } else {
       EXPECT_TRUE(at::equal(l->recv_forward(std::nullopt), at::zeros({3, 5})));
       r.barrier("first");
-      const auto start = testing::Clock::now();
-      try {
-        l->recv_forward(20.0);
-        ADD_FAILURE() << "did not throw";
-      } catch (const CommTimeout& e) {
-        ADD_FAILURE() << "a timeout instead of the sender's error: " << e.what();
-      } catch (const CommError& e) {
-        const std::string msg = e.what();
-        EXPECT_NE(msg.find("stage 1: recv_forward from stage 0: a stage reported: "), std::string::npos) << msg;
-        EXPECT_NE(msg.find(mismatch), std::string::npos) << msg;
-      }
-      EXPECT_LT(seconds_since(start), 5.0);
+      expect_early_error([&] { l->recv_forward(20.0); },
+                         {"stage 1: recv_forward from stage 0: a stage reported: ", mismatch});
       // the direction's order is lost: later receives say so at once
       expect_throw_with<CommError>([&] { l->recv_forward(0.5); }, {"an earlier receive failed"});
     }
@@ -165,18 +172,7 @@ TEST(StageLink, AbortFromAnotherThreadEndsAWait) {
         std::this_thread::sleep_for(std::chrono::milliseconds(200));
         l->abort();
       });
-      const auto start = testing::Clock::now();
-      try {
-        l->recv_forward(20.0);
-        ADD_FAILURE() << "did not throw";
-      } catch (const CommTimeout& e) {
-        ADD_FAILURE() << "waited until the timeout: " << e.what();
-      } catch (const CommError& e) {
-        const std::string msg = e.what();
-        EXPECT_NE(msg.find("stage 1: recv_forward from stage 0"), std::string::npos) << msg;
-        EXPECT_NE(msg.find("aborted"), std::string::npos) << msg;
-      }
-      EXPECT_LT(seconds_since(start), 5.0);
+      expect_early_error([&] { l->recv_forward(20.0); }, {"stage 1: recv_forward from stage 0", "aborted"});
       aborter.join();
       expect_throw_with<CommError>([&] { l->send_backward(at::zeros({2})); }, {"aborted"});
     }
