@@ -198,7 +198,10 @@ def _start_long_training(tmp_path):
         workers = [w for launcher in launchers for w in _children(launcher)]
         time.sleep(0.5)
     assert len(workers) == 2, "the workers did not start"
-    time.sleep(8)  # let them reach the training loop
+    log = tmp_path / "run" / "metrics.jsonl"  # a line per step: they reached the training loop
+    while time.monotonic() < deadline + 60 and not (log.exists() and log.read_text().count("\n") >= 1):
+        time.sleep(0.5)
+    assert log.exists(), "no training step was logged"
     return proc, workers
 
 
