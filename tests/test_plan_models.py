@@ -297,3 +297,78 @@ def test_measured_pair_all_reduce_table():
     for bad in (((4.0, 1e-3), (4.0, 2e-3)), ((0.0, 1e-3),), ((4.0, -1.0),)):
         with pytest.raises(ValueError, match="pair_all_reduce"):
             DeviceProfile(**{**dataclasses.asdict(base), "pair_all_reduce": bad})
+
+
+def test_ranks_sharing_cores_stretch_each_action_by_its_company():
+    """host.Sharing: an action's stretch is 1 + e (c/k - 1) with c the processes computing
+    beside it (itself included), so the fill and drain of a pipeline, where ranks run
+    alone, keep their time alone and the steady state slows; e = 0 is no sharing at all."""
+    from tandem.plan.host import Sharing
+
+    layout = Layout(tp=2, pp=2, microbatch=1, schedule="1f1b")
+    costs = {s: Costs(F=1.0, B=2.0, W=0.5) for s in range(2)}
+    alone = simulate_step(layout, 4, costs)
+    for e in (1.0, 0.5):
+        sharing = Sharing(cores=2, ranks=4, per_pipeline_rank=2, efficiency=e)
+        assert sharing.stretch(1) == 1.0 and sharing.stretch(2) == pytest.approx(1 + e)
+        step = simulate_step(layout, 4, costs, sharing=sharing)
+        by_action = {(r.rank, r.kind.name, r.microbatch): r.end_s - r.start_s
+                     for r in step.result.timeline if r.kind.is_compute}
+        assert by_action[(0, "F", 0)] == pytest.approx(1.0, rel=1e-3)  # the first forward runs alone
+        assert by_action[(0, "B", 3)] == pytest.approx(2.5, rel=1e-3)  # the last backward too
+        assert 1.0 < by_action[(0, "F", 2)] <= 1.0 + e + 1e-6  # the steady state shares the cores
+        assert alone.makespan < step.makespan < (1 + e) * alone.makespan
+        assert alone.work < step.work < (1 + e) * alone.work
+    none = simulate_step(layout, 4, costs, sharing=Sharing(cores=2, ranks=4, per_pipeline_rank=2, efficiency=0.0))
+    assert none.makespan == pytest.approx(alone.makespan) and none.bubble == pytest.approx(alone.bubble)
+
+
+def test_jitter_lengthens_the_step_and_is_deterministic():
+    """With spread in every action's time the pipeline waits for the later producer: the
+    median makespan and bubble grow with the spread; jitter 0 is the exact simulation, and
+    the same inputs give the same estimate."""
+    layout = Layout(pp=4, microbatch=1, schedule="1f1b")
+    costs = {s: Costs(F=1.0, B=2.0, W=1.0) for s in range(4)}
+    exact = simulate_step(layout, 8, costs)
+    assert simulate_step(layout, 8, costs, jitter=0.0) == exact
+    small, large = (simulate_step(layout, 8, costs, jitter=j) for j in (0.1, 0.3))
+    assert exact.makespan < small.makespan < large.makespan
+    assert exact.bubble < small.bubble < large.bubble
+    assert simulate_step(layout, 8, costs, jitter=0.3) == large
+
+
+def test_calibrated_sharing_jitter_and_block_scale():
+    """calibrate's fits on known passes: all pairs at once r x as long as alone gives
+    e = (r - 1) / (nproc/k - 1); the jitter is the spread of log times; the compute scale
+    is the block alone over the component model's, and every F, B and W carries it."""
+    import dataclasses
+    import math
+
+    from tandem.plan.calibrate import SHARING_BATCH, SHARING_BLOCK, _compute_scale, _sharing_fit
+    from tandem.plan.timing import stage_costs
+
+    flat = {"cores": 2, "sharing": [([0.01] * 5, [0.015] * 5)] * 4}
+    e, jitter = _sharing_fit([flat] * 4, nproc=4)
+    assert e == pytest.approx(0.5) and jitter == 0.0
+    assert _sharing_fit([flat] * 4, nproc=2) == (1.0, 0.0)  # a core each: nothing to measure
+    spread = {"cores": 2, "sharing": [([0.01 * math.exp(d) for d in (-0.2, -0.1, 0, 0.1, 0.2)], [])]}
+    assert _sharing_fit([spread], nproc=2)[1] == pytest.approx(1.4826 * 0.1)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="jitter"):
+            dataclasses.replace(load_profile("H100-SXM"), jitter=bad)
+    with pytest.raises(ValueError, match="compute_scale"):
+        dataclasses.replace(load_profile("H100-SXM"), compute_scale=0.0)
+    prof = dataclasses.replace(load_profile("H100-SXM"), kind="cpu", peak_flops={"fp32": 1e11}, fused_gelu=False)
+    one = _compute_scale([{"sharing": [([1.0], [])]}], prof)
+    assert _compute_scale([{"sharing": [([2.0], [])]}], prof) == pytest.approx(2 * one)
+    assert _compute_scale([{}], prof) == 1.0
+    model = load_model(dict(vocab_size=128, max_seq_len=64, num_layers=4, hidden_size=128, num_heads=4,
+                            ffn_hidden_size=512))
+    layout = Layout(tp=2, pp=2, microbatch=2)
+    kw = dict(seq_len=64, precision="fp32", blocks=[2, 2], gpus_per_node=4)
+    plain = stage_costs(model, layout, prof, TANDEM, **kw)
+    scaled = stage_costs(model, layout, dataclasses.replace(prof, compute_scale=1.5), TANDEM, **kw)
+    for a, b in zip(plain, scaled):
+        for kind in ("F", "B", "W"):
+            assert getattr(b, kind).total == pytest.approx(1.5 * getattr(a, kind).total)
+    assert SHARING_BATCH >= 1 and SHARING_BLOCK["hidden_size"] % SHARING_BLOCK["num_heads"] == 0

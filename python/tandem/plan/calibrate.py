@@ -25,11 +25,13 @@ per rank would time that GPU.
 
 from __future__ import annotations
 
+import math
 import os
 import queue as queue_mod
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 
 from tandem.plan.profiles import DeviceProfile
 
@@ -170,8 +172,57 @@ def _measure(rank: int, world: int, quick: bool, cores: int | None = None) -> di
             for numel, calls in ((1, 20), (2**13, 10), (2**15, 10), (2**17, 6), (2**20, 4)):
                 t = torch.zeros(numel)
                 out["all_reduce"].append((numel * 4, _time_fixed(lambda: comm.all_reduce(t).wait(), calls)))
+    if pairs:
+        out.update(_sharing(rank, world, cores, pairs[rank // 2] if rank // 2 < len(pairs) else None, quick))
     dist.barrier()
     return out
+
+
+SHARING_BLOCK = dict(hidden_size=256, num_heads=4, ffn_hidden_size=1024, max_seq_len=64)
+SHARING_BATCH = 2
+"""the tp=2 block (and its batch) whose forward and backward time how ranks beyond the cores
+slow each other, and how the component model's sum compares with a whole block"""
+
+
+def _sharing(rank: int, world: int, cores: int, group, quick: bool) -> dict:
+    """Seconds of forward+backward passes of a tp=2 GPT block (tandem's TP modules on the
+    pair's group), in rounds (a shared machine's speed drifts between rounds, little within
+    one): every pair alone in turn, then, with more ranks than cores, all pairs at once.
+    ``rounds``: [(alone seconds, together seconds), ...] of this rank."""
+    import torch
+    import torch.distributed as dist
+
+    from tandem.mesh import Mesh
+    from tandem.models.gpt import GPTBlock, GPTConfig
+
+    rounds, reps = (4, 5) if quick else (8, 5)
+    block = x = None
+    if group is not None:
+        mesh = Mesh(tp=2, pp=1, dp=1, rank=rank % 2, device=torch.device("cpu"), tp_group=group, timeout=120)
+        block = GPTBlock(GPTConfig(**SHARING_BLOCK), mesh=mesh)
+        x = torch.randn(SHARING_BATCH, SHARING_BLOCK["max_seq_len"], SHARING_BLOCK["hidden_size"], requires_grad=True)
+
+    def passes() -> list[float]:
+        times = []
+        for i in range(reps + 1):  # the first warms up
+            start = time.perf_counter()
+            block(x).sum().backward()
+            if i:
+                times.append(time.perf_counter() - start)
+        return times
+
+    out = []
+    for _ in range(rounds):
+        alone, together = [], []
+        for turn in range(world // 2):
+            dist.barrier()
+            if group is not None and rank // 2 == turn:
+                alone = passes()
+        dist.barrier()
+        if world > cores and group is not None:
+            together = passes()
+        out.append((alone, together))
+    return {"sharing": out} if group is not None else {}
 
 
 def _entry(rank, world, init_file, quick, results):
@@ -279,17 +330,63 @@ def profile_from_measurements(ranks: list[dict], *, nproc: int | None = None, na
         inverse = sum(a * b for a, b in rows) / sum(a * a for a, _ in rows)
         bus = 1 / max(inverse, 1e-15)
         measured_pairs = tuple(sizes)
+    efficiency, jitter = _sharing_fit(ranks, nproc)
     memory = _total_memory() / nproc
     source = (f"calibrated on {os.uname().nodename} with {nproc} ranks, {ranks[0]['cores']} at a time, "
               f"{time.strftime('%Y-%m-%d')}; "
               f"GEMM fp32 rate {rate / 1e9:.1f} GFLOP/s, d0 {d0:g}, t0 {t0 * 1e6:.1f} us "
               f"(fitted on {len(samples)} shapes); copy {copy_bw / 1e9:.2f} GB/s; operator overhead "
               f"{op * 1e6:.1f} us; GeLU {1e9 / gelu_rate:.2f} ns per element; attention {att_eff:.2f} of the GEMM rate + {att_fixed * 1e6:.0f} us; all-reduce over 2 ranks: "
-              f"latency {latency * 1e6:.0f} us per step, bus {bus / 1e9:.2f} GB/s")
-    return DeviceProfile(
+              f"latency {latency * 1e6:.0f} us per step, bus {bus / 1e9:.2f} GB/s; ranks beyond the cores: "
+              f"sharing efficiency {efficiency:.2f}; jitter {jitter:.3f}")
+    profile = DeviceProfile(
         name=name or f"cpu-{nproc}ranks", kind="cpu", peak_flops={"fp32": rate}, memory_bytes=memory,
         memory_bw=copy_bw, intra_node_bw=bus, inter_node_bw=bus, intra_node_latency=latency,
         inter_node_latency=latency, gemm_efficiency=1.0, gemm_half_dim=d0, gemm_overhead=t0,
         attention_efficiency=max(att_eff, 1e-3), attention_overhead=att_fixed, memory_efficiency=1.0, intra_node_efficiency=1.0,
         inter_node_efficiency=1.0, op_overhead=op, reserve_bytes=0.5 * 2**30, gpus_per_node=nproc,
-        fused_gelu=False, activation_rate=gelu_rate, pair_all_reduce=measured_pairs, cores_per_node=ranks[0]["cores"], source=source)
+        fused_gelu=False, activation_rate=gelu_rate, pair_all_reduce=measured_pairs, cores_per_node=ranks[0]["cores"],
+        sharing_efficiency=efficiency, jitter=jitter, source=source)
+    scale = _compute_scale(ranks, profile)
+    return replace(profile, compute_scale=scale, source=profile.source + f"; a tp=2 block {scale:.2f}x its components")
+
+
+def _sharing_fit(ranks: list[dict], nproc: int) -> tuple[float, float]:
+    """(sharing efficiency, jitter) from the block passes of ``_sharing``: all ``nproc`` ranks
+    on k cores take r = 1 + e (nproc/k - 1) times as long as a pair alone, r the median over
+    rounds of the round's ratio of medians (1 when every rank had a core: nothing measured);
+    the jitter is the robust standard deviation (1.4826 x the median absolute deviation) of
+    log(pass / the median of the rank's passes alike), the machine's drift over the
+    calibration included, as steps minutes apart see it."""
+    ratios, deviations = [], []
+    for r in ranks:
+        rounds = r.get("sharing", ())
+        for phase in (0, 1):
+            times = [t for one in rounds for t in one[phase]]
+            if times:
+                mid = statistics.median(times)
+                deviations += [abs(math.log(t / mid)) for t in times]
+        ratios += [statistics.median(together) / statistics.median(alone) for alone, together in rounds
+                   if alone and together]
+    cores = ranks[0]["cores"]
+    efficiency = 1.0
+    if ratios and nproc > cores:
+        efficiency = min(1.5, max(0.0, (statistics.median(ratios) - 1.0) / (nproc / cores - 1.0)))
+    jitter = min(0.5, 1.4826 * statistics.median(deviations)) if deviations else 0.0
+    return efficiency, jitter
+
+
+def _compute_scale(ranks: list[dict], profile: DeviceProfile) -> float:
+    """The tp=2 block's passes alone (median) over the component model's F + B + W for it."""
+    from tandem.models.gpt import GPTConfig
+    from tandem.plan.framework import TANDEM
+    from tandem.plan.model_input import load_model
+    from tandem.plan.timing import _block, tp_link
+
+    alone = [t for r in ranks for one in r.get("sharing", ()) for t in one[0]]
+    if not alone:
+        return 1.0
+    cfg = GPTConfig(**SHARING_BLOCK)
+    F, B, W = _block(load_model(cfg), profile, TANDEM, s=cfg.max_seq_len, b=SHARING_BATCH, tp=2, sp=False,
+                     recompute="none", dtype="fp32", e=4, link=tp_link(profile, 2, profile.gpus_per_node))
+    return statistics.median(alone) / (F.total + B.total + W.total)

@@ -27,7 +27,7 @@ from tandem.plan.activations import (bytes_per_gpu, embedding_terms, head_terms,
 from tandem.plan.flops import hardware_flops, model_flops
 from tandem.plan.framework import Framework, get_framework
 from tandem.plan.gemm import memory_time
-from tandem.plan.host import sharing_ranks, sharing_slowdown, stretched_costs
+from tandem.plan.host import sharing_of
 from tandem.plan.layout import Layout, layout_problems, stage_blocks
 from tandem.plan.memory import BYTES_PER_PARAM, RankMemory, rank_memory
 from tandem.plan.model import ModelSpec
@@ -71,7 +71,8 @@ class Estimate:
     optimizer_time: float
     step_time: float
     slowdown: float = 1.0
-    """how much slower each rank computes because ranks share a host's cores (host.py)"""
+    """how much slower the ranks compute, on average over their work, because they share a
+    host's cores (host.py)"""
 
     @property
     def num_gpus(self) -> int:
@@ -269,22 +270,21 @@ def estimate(model, layout, profile, *, global_batch: int, seq_len: int, precisi
                          gpus_per_node=gpus_per_node)
     p2p = _p2p(model, layout, profile, framework, seq_len=seq_len, precision=precision, gpus_per_node=gpus_per_node)
     quiet, slowdown = None, 1.0
-    sharing = sharing_ranks(profile, layout, gpus_per_node)
+    sharing = sharing_of(profile, layout, gpus_per_node)
+    costs = {s: Costs(F=st.F.total, B=st.B.total, W=st.W.total, comm=p2p) for s, st in enumerate(stages)}
     if not simulate:
         sim = closed_form_step(layout, m, [st.F.total + st.B.total + st.W.total for st in stages], p2p)
-    elif sharing:
-        slowdown, sim = sharing_slowdown(layout, m, stages, p2p, profile.cores_per_node, sharing, simulate_step)
-        if breakdown and p2p > 0:
-            quiet = simulate_step(layout, m, stretched_costs(stages, 0.0, slowdown))
     else:
-        costs = {s: Costs(F=st.F.total, B=st.B.total, W=st.W.total, comm=p2p) for s, st in enumerate(stages)}
-        sim = simulate_step(layout, m, costs)
+        sim = simulate_step(layout, m, costs, sharing=sharing, jitter=profile.jitter)
         if breakdown and p2p > 0:
-            quiet = simulate_step(layout, m, {s: replace(c, comm=0.0) for s, c in costs.items()})
+            quiet = simulate_step(layout, m, {s: replace(c, comm=0.0) for s, c in costs.items()}, sharing=sharing,
+                                  jitter=profile.jitter)
+        if sharing is not None:  # the work-weighted mean stretch of the actions
+            slowdown = sim.work / (m * sum(st.F.total + st.B.total + st.W.total for st in stages))
     dp_exp, dp_total = _dp_exposed(model, layout, profile, framework, stages, memory, precision=precision,
                                    gpus_per_node=gpus_per_node)
     d = layout.dp if layout.distributed_optimizer else 1
-    crowd = sharing / profile.cores_per_node if sharing else 1.0  # every rank steps its optimizer at once
+    crowd = sharing.stretch(layout.pp) if sharing else 1.0  # every rank steps its optimizer at once
     opt = [crowd * memory_time(profile, OPTIMIZER_BYTES[precision] * r.params / d, kernels=10) for r in memory]
     gather = 0.0
     if layout.distributed_optimizer:

@@ -74,6 +74,18 @@ class DeviceProfile:
     cores_per_node: int | None = None
     """CPU profiles: cores the ranks of one host share (more ranks than cores slow each
     other: host.py); None for GPUs"""
+    sharing_efficiency: float = 1.0
+    """CPU profiles: c ranks computing on k < c cores take 1 + e (c/k - 1) times as long as
+    alone (host.py); 1: the cores shared evenly. Calibration measures e (a rank that waits
+    in a collective leaves its core to the others: 0.4-0.6 on the 2-core VM)"""
+    compute_scale: float = 1.0
+    """CPU profiles: tandem's own tp=2 GPT block (forward and backward) measured alone, over
+    what the component model (timing.py) predicts for it from this profile; every F, B and W
+    is multiplied by it (what the components miss between them: collectives after compute
+    cost more than back to back, autograd and the allocator; 1.05-1.37 on the 2-core VM)"""
+    jitter: float = 0.0
+    """the spread of one action's time from step to step, the standard deviation of its
+    logarithm (step.py); calibrated CPU profiles measure it (about 0.2 on a shared VM), GPUs: 0"""
     gpus_per_node: int = 8
     """devices per node, the default of --gpus-per-node"""
     source: str = ""
@@ -92,14 +104,18 @@ class DeviceProfile:
         for name in ("memory_bytes", "memory_bw", "intra_node_bw", "inter_node_bw", "gemm_half_dim"):
             _positive(self.name, name, getattr(self, name), allow_zero=name == "gemm_half_dim")
         for name in ("intra_node_latency", "inter_node_latency", "gemm_overhead", "op_overhead", "reserve_bytes",
-                     "attention_overhead", "activation_rate"):
+                     "attention_overhead", "activation_rate", "sharing_efficiency", "jitter"):
             _positive(self.name, name, getattr(self, name), allow_zero=True)
+        _positive(self.name, "compute_scale", self.compute_scale)
         for name in ("gemm_efficiency", "attention_efficiency", "memory_efficiency", "intra_node_efficiency",
                      "inter_node_efficiency"):
             value = getattr(self, name)
             _positive(self.name, name, value)
             if value > 1:
                 raise ValueError(f"DeviceProfile {self.name!r}: {name} is a fraction in (0, 1], got {value}")
+        if self.jitter >= 1:
+            raise ValueError(f"DeviceProfile {self.name!r}: jitter (the standard deviation of a log time) must be "
+                             f"< 1, got {self.jitter}")
         if self.cores_per_node is not None and (isinstance(self.cores_per_node, bool) or
                                                 not isinstance(self.cores_per_node, int) or self.cores_per_node < 1):
             raise ValueError(f"DeviceProfile {self.name!r}: cores_per_node must be None or an int >= 1, "

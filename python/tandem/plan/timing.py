@@ -179,12 +179,13 @@ def stage_costs(model, layout, profile, framework, *, seq_len: int, precision: s
         if key in made:
             continue
         st = made[key] = StageCost(blocks=n, first=key[1], last=key[2])
-        st.F.add(F1, n)
-        st.B.add(B1, n)
-        st.W.add(W1, n)
+        k = profile.compute_scale
+        st.F.add(F1, n * k)
+        st.B.add(B1, n * k)
+        st.W.add(W1, n * k)
         eF, eB, eW = _ends(model, profile, s=seq_len, b=b, tp=tp, sp=sp, e=e, dtype=dtype, link=link,
                            first=st.first, last=st.last)
-        st.F.add(eF)
-        st.B.add(eB)
-        st.W.add(eW)
+        st.F.add(eF, k)
+        st.B.add(eB, k)
+        st.W.add(eW, k)
     return [made[(n, s_idx == 0, s_idx == S - 1)] for s_idx, n in enumerate(blocks)]
